@@ -1,0 +1,96 @@
+"""Plain ViT (timm). Tokens come from the second-to-last block, as LLaVA/Prismatic take them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import timm
+import torch
+import torch.nn as nn
+
+from toolkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig
+from toolkit.registry import register_backbone
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    tap: int = -2  # block index whose output is the visual tokens; -2 = second-to-last
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "letterbox"
+
+
+class ViTBackbone(Backbone):
+    family = "vit"
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = timm.create_model(
+            "vit_small_patch16_224", pretrained=False, num_classes=0, img_size=cfg.img_size,
+            patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+            mlp_ratio=cfg.mlp_ratio, dynamic_img_size=True,
+        )
+        self.embed_dim = self.num_features = cfg.embed_dim
+        self.tap_index = cfg.tap % cfg.depth
+        self.data_config = DataConfig((cfg.img_size, cfg.img_size), cfg.mean, cfg.std, cfg.resize)
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        (tokens,) = self.model.forward_intermediates(
+            images, indices=[self.tap_index], norm=False, output_fmt="NLC", intermediates_only=True
+        )
+        return tokens  # (B, h*w, C), prefix (CLS) token dropped
+
+    def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)  # (B, C) CLS token after the final norm
+
+    def grid(self, img_size: tuple[int, int] | None = None) -> tuple[int, int]:
+        h, w = img_size or self.data_config.img_size
+        return h // self.cfg.patch_size, w // self.cfg.patch_size
+
+    def attention_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        for i, blk in enumerate(self.model.blocks):
+            yield f"blocks.{i}.attn", blk.attn
+
+    def convert_state_dict(self, state_dict):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        sd = checkpoint_filter_fn(state_dict, self.model)  # timm's own: resamples pos_embed, maps legacy names
+        return {f"model.{k}": v for k, v in sd.items()}, 0
+
+    def ignorable_checkpoint_keys(self) -> tuple[str, ...]:
+        return ("model.head.", "model.fc_norm.")
+
+
+def _vit(cfg: ViTConfig, **overrides) -> ViTBackbone:
+    return ViTBackbone(replace(cfg, **overrides))
+
+
+@register_backbone("vit-s-in1k-224", family="vit", tags=("paper",))
+def vit_s_in1k_224(**kw) -> ViTBackbone:
+    """ViT-S/16 at 224 px: 14x14 = 196 tokens (the study's ViT baseline)."""
+    return _vit(ViTConfig(embed_dim=384, depth=12, num_heads=6), **kw)
+
+
+@register_backbone("vit-b-in1k-224", family="vit")
+def vit_b_in1k_224(**kw) -> ViTBackbone:
+    """ViT-B/16 at 224 px: 196 tokens."""
+    return _vit(ViTConfig(embed_dim=768, depth=12, num_heads=12), **kw)
+
+
+@register_backbone("vit-scene-128", family="vit", tags=("embedded",))
+def vit_scene_128(**kw) -> ViTBackbone:
+    """Embedded-world ViT: 128 px, patch 16 -> 8x8 = 64 tokens x 128 channels, matched to vmamba-scene-128-s3."""
+    return _vit(ViTConfig(img_size=128, embed_dim=128, depth=6, num_heads=4, mean=(0.5,) * 3, std=(0.25,) * 3), **kw)
+
+
+@register_backbone("vit-test", family="vit", tags=("test",))
+def vit_test(**kw) -> ViTBackbone:
+    """Tiny ViT for tests: 32 px, patch 8 -> 4x4 tokens."""
+    return _vit(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2), **kw)
