@@ -1,0 +1,129 @@
+"""The VLM: sequence assembly, loss masking, generation, grounding on any image, save/load, resumable training."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from toolkit.config import StageConfig, TrainConfig
+from toolkit.llm import LMConfig, train_tokenizer
+from toolkit.train import vlm_trainer
+from toolkit.train.vlm_trainer import Turn, train_vlm
+from toolkit.vlm import IGNORE_INDEX, VLM, VLMConfig
+
+TEXTS = ["the red square", "the small blue star to the left of the yellow circle",
+         "Please provide the bounding box coordinate of the region this sentence describes:", "How many red objects?"]
+TINY_LM = LMConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS, 300)
+
+
+def _vlm(tokenizer, backbone="vit-test", **kw):
+    torch.manual_seed(0)
+    return VLM.build(VLMConfig(backbone=backbone, lm=TINY_LM, **kw), tokenizer)
+
+
+def test_tokenizer_roundtrip_and_coordinate_tokens(tokenizer):
+    s = "USER: the red square ASSISTANT: [0.12, 0.30, 0.56, 1.00]"
+    ids = tokenizer(s, add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids) == s
+    box_ids = tokenizer("[0.12, 0.30, 0.56, 1.00]", add_special_tokens=False).input_ids
+    assert len(box_ids) == 9  # "[" + 4 coordinates + 3 commas + "]"
+
+
+def test_assemble_masks_everything_but_the_answer(tokenizer):
+    vlm = _vlm(tokenizer)
+    vis = torch.randn(2, 16, vlm.backbone.embed_dim)
+    b = vlm.assemble(vis, ["the red square", "a much longer prompt about the blue star"], ["[0.10, 0.20, 0.30, 0.40]", "3"])
+    assert b.image_mask.sum(1).tolist() == [16, 16]
+    assert b.image_mask[:, 1:17].all()  # image tokens right after BOS (Prismatic)
+    for i, ans in enumerate(["[0.10, 0.20, 0.30, 0.40]", "3"]):
+        sup = b.labels[i][b.labels[i] != IGNORE_INDEX].tolist()
+        assert tokenizer.decode(sup[:-1]) == ans and sup[-1] == tokenizer.eos_token_id
+    assert (b.labels[b.attention_mask == 0] == IGNORE_INDEX).all()
+    left = vlm.assemble(vis, ["a", "a much longer prompt"], padding_side="left")
+    assert left.attention_mask[:, -1].all() and left.image_mask.sum() == 32
+
+
+def test_loss_backward_reaches_connector_not_backbone(tokenizer):
+    vlm = _vlm(tokenizer)
+    x = torch.randn(2, 3, 32, 32)
+    loss = vlm(vlm.encode_images(x), ["p", "q"], ["yes", "no"])
+    loss.backward()
+    assert vlm.connector.projector[0].weight.grad is not None
+    assert all(p.grad is None for p in vlm.backbone.parameters())
+
+
+@pytest.mark.parametrize("size", [(50, 80), (300, 20), (32, 32)])
+def test_ground_any_image_and_invalid_answers_do_not_raise(tokenizer, size):
+    vlm = _vlm(tokenizer).eval()
+    img = Image.fromarray((np.random.default_rng(0).random((*size, 3)) * 255).astype("uint8"))
+    g = vlm.ground(img, "the red square")
+    assert isinstance(g.answer, str)
+    assert g.valid == (g.box_pixels is not None)
+    assert (g.geometry.orig_w, g.geometry.orig_h) == (size[1], size[0])
+
+
+@pytest.mark.parametrize("bad", ["", "   ", "x" * 10000])
+def test_ground_rejects_bad_expressions(tokenizer, bad):
+    vlm = _vlm(tokenizer)
+    with pytest.raises(ValueError, match="expression"):
+        vlm.ground(Image.new("RGB", (32, 32)), bad)
+
+
+def test_read_box_frames(tokenizer):
+    img = Image.new("RGB", (200, 100))
+    for frame, expect in (("input", (0.0, 0.0, 200.0, 100.0)), ("original", (0.0, 0.0, 200.0, 100.0))):
+        vlm = _vlm(tokenizer, box_frame=frame)
+        _, geom = vlm.preprocess(img)
+        box = "[0.00, 0.25, 1.00, 0.75]" if frame == "input" else "[0.00, 0.00, 1.00, 1.00]"
+        assert vlm.read_box(box, geom).box_pixels == pytest.approx(expect, abs=1e-4)
+    assert _vlm(tokenizer).read_box("not a box", geom).valid is False
+
+
+def test_save_load_roundtrip_and_incomplete_run(tokenizer, tmp_path):
+    vlm = _vlm(tokenizer).eval()
+    vis = torch.randn(1, 16, vlm.backbone.embed_dim)
+    vlm.save(tmp_path / "run")
+    again = VLM.load(tmp_path / "run").eval()
+    b1, b2 = vlm.assemble(vis, ["the red square"]), again.assemble(vis, ["the red square"])
+    with torch.no_grad():
+        l1 = vlm.lm(inputs_embeds=b1.inputs_embeds, attention_mask=b1.attention_mask).logits
+        l2 = again.lm(inputs_embeds=b2.inputs_embeds, attention_mask=b2.attention_mask).logits
+    torch.testing.assert_close(l1, l2)
+    (tmp_path / "run" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        VLM.load(tmp_path / "run")
+
+
+def test_training_resumes_to_the_same_weights(tokenizer, tmp_path, monkeypatch):
+    turns = [Turn(i % 4, f"prompt {i}", "[0.10, 0.20, 0.30, 0.40]" if i % 2 else "yes",
+                  "grounding" if i % 2 else "vqa") for i in range(16)]
+    feats = torch.randn(4, 16, 32)
+    cfg = TrainConfig(stages=(StageConfig("align", 6, 1e-3, 4, False), StageConfig("finetune", 6, 1e-3, 4, True)),
+                      checkpoint_every=2)
+    ref = _vlm(tokenizer)
+    train_vlm(ref, feats, turns, cfg, tmp_path / "straight", torch.device("cpu"))
+
+    real_save, calls = vlm_trainer.save_train_state, {"n": 0}
+
+    def crash_after_third_save(path, **state):
+        real_save(path, **state)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the first save inside the finetune stage, then the process "dies"
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(vlm_trainer, "save_train_state", crash_after_third_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_vlm(_vlm(tokenizer), feats, turns, cfg, tmp_path / "resumed", torch.device("cpu"))
+    assert (tmp_path / "resumed" / "train_state.pt").is_file()
+    monkeypatch.setattr(vlm_trainer, "save_train_state", real_save)
+    resumed = _vlm(tokenizer)
+    train_vlm(resumed, feats, turns, cfg, tmp_path / "resumed", torch.device("cpu"))
+    assert not (tmp_path / "resumed" / "train_state.pt").exists()
+    for (k, a), b in zip(ref.trainable_state_dict().items(), resumed.trainable_state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)

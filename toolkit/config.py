@@ -1,0 +1,114 @@
+"""Experiment configs as dataclasses. Named presets override only what differs from the defaults;
+the resolved config is saved as JSON in every run directory."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from toolkit.llm import LMConfig
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The one classification recipe every backbone family gets (matched settings)."""
+
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 30
+    label_smoothing: float = 0.1
+    max_shift: int = 8  # random translation in pixels (labels are colour+shape: no colour jitter, flips are fine)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One VLM training stage. ``align`` trains the connector; ``finetune`` connector and LM (Prismatic)."""
+
+    name: str = "finetune"
+    steps: int = 600
+    lr: float = 1e-3
+    batch_size: int = 32
+    train_lm: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lm_pretrain_steps: int = 300  # text-only warm-up of a fresh LM on the world's answers, shared by all backbones
+    stages: tuple[StageConfig, ...] = (StageConfig(),)  # single finetune stage = Prismatic's "no-align"
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.05
+    grad_clip: float = 1.0
+    grounding_fraction: float = 0.7  # share of grounding turns in the training mix (the rest is VQA)
+    checkpoint_every: int = 100
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    max_per_style: int = 200  # referring expressions per RefCOCO-style split
+    max_vqa: int = 400
+    batch_size: int = 64
+    max_new_tokens: int = 20
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "demo"
+    backbones: tuple[str, ...] = ("vit-scene-128", "vmamba-scene-128-s3")
+    connector: str = "mlp2x_gelu"
+    lm: LMConfig = LMConfig()
+    world: dict = field(default_factory=dict)  # SceneWorldConfig overrides
+    pretrain: PretrainConfig = PretrainConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    figure_examples: int = 4
+    device: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+def _preset_smoke() -> ExperimentConfig:
+    """Seconds-long run over tiny models: the test suite's end-to-end check."""
+    return ExperimentConfig(
+        name="smoke", backbones=("vit-test", "vmamba-test"),
+        lm=LMConfig(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=600),
+        world=dict(image_size=32, n_train=120, n_val=30, n_test=10, n_cls_train=240, n_cls_val=48),
+        pretrain=PretrainConfig(epochs=1, batch_size=32, warmup_steps=2, max_shift=2),
+        train=TrainConfig(lm_pretrain_steps=20, stages=(StageConfig("align", 10, 1e-3, 16, False),
+                                                        StageConfig("finetune", 20, 1e-3, 16, True)),
+                          checkpoint_every=10),
+        eval=EvalConfig(max_per_style=20, max_vqa=20, batch_size=32, max_new_tokens=20),
+        figure_examples=2,
+    )
+
+
+def _preset_gpu() -> ExperimentConfig:
+    """The same pipeline at larger sizes for a GPU machine: 224 px world, all families, a larger LM."""
+    return ExperimentConfig(
+        name="gpu",
+        backbones=("vit-scene-128", "vmamba-scene-128-s3"),
+        lm=LMConfig(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1024),
+        world=dict(n_train=20000, n_val=1000, n_test=1000, n_cls_train=40000, n_cls_val=2000),
+        pretrain=PretrainConfig(epochs=10, batch_size=256),
+        train=TrainConfig(lm_pretrain_steps=1000, stages=(StageConfig("finetune", 5000, 5e-4, 64, True),)),
+        eval=EvalConfig(max_per_style=1000, max_vqa=2000, batch_size=256),
+    )
+
+
+PRESETS = {"embedded": ExperimentConfig, "smoke": _preset_smoke, "gpu": _preset_gpu}
+
+
+def preset(name: str, **overrides: Any) -> ExperimentConfig:
+    """A named preset with top-level field ``overrides`` (e.g. ``backbones=("vit-test",)``)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset `{name}`; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    return replace(cfg, **overrides) if overrides else cfg

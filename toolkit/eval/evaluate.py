@@ -1,0 +1,138 @@
+"""Scoring as the RefCOCO / VQAv2 harnesses do, on any records the real-format loaders return.
+
+Grounding: the answer must parse to 4 numbers in [0, 1] (else it is *invalid* and wrong); it is mapped
+onto the original image through the model's geometry; correct when IoU >= 0.5 with the ground truth.
+Every function returns per-example rows; ``summarize`` turns them into metric rows.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import Iterable, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from toolkit.boxes import GROUNDING_PROMPT, box_iou
+from toolkit.vlm import VLM
+
+IOU_THRESHOLD = 0.5
+
+
+def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@torch.no_grad()
+def evaluate_grounding(vlm: VLM, records: Sequence, batch_size: int = 64, max_new_tokens: int = 20,
+                       desc: str = "grounding") -> list[dict]:
+    """``records``: RefExample-like (image_path, expression, box_xyxy in original pixels, dataset).
+    Returns one dict per record: answer, valid, iou, correct."""
+    vlm.eval()
+    rows = []
+    for chunk in tqdm(list(_batches(records, batch_size)), desc=desc, unit="batch", leave=False):
+        prep = [vlm.preprocess(Image.open(r.image_path)) for r in chunk]
+        feats = vlm.encode_images(torch.stack([p[0] for p in prep]))
+        answers = vlm.generate(feats, [GROUNDING_PROMPT.format(expression=r.expression) for r in chunk], max_new_tokens)
+        for r, (_, geom), ans in zip(chunk, prep, answers):
+            g = vlm.read_box(ans, geom)
+            iou = float(box_iou(torch.tensor(g.box_pixels), torch.tensor(r.box_xyxy, dtype=torch.float32))) \
+                if g.valid else 0.0
+            rows.append(dict(dataset=r.dataset, expression=r.expression, answer=ans, valid=g.valid, iou=iou,
+                             correct=iou >= IOU_THRESHOLD, image_path=str(r.image_path),
+                             pred_box=g.box_pixels, gt_box=tuple(r.box_xyxy)))
+    return rows
+
+
+@torch.no_grad()
+def evaluate_vqa(vlm: VLM, records: Sequence, prompt_format: str, batch_size: int = 64, max_new_tokens: int = 8,
+                 desc: str = "vqa") -> list[dict]:
+    """``records``: VQAExample-like (image_path, question, answer, question_type); exact match after normalising."""
+    vlm.eval()
+    rows = []
+    for chunk in tqdm(list(_batches(records, batch_size)), desc=desc, unit="batch", leave=False):
+        pixels = torch.stack([vlm.preprocess(Image.open(r.image_path))[0] for r in chunk])
+        answers = vlm.generate(vlm.encode_images(pixels), [prompt_format.format(question=r.question) for r in chunk],
+                               max_new_tokens)
+        for r, ans in zip(chunk, answers):
+            rows.append(dict(question_type=r.question_type, question=r.question, answer=ans, gt=r.answer,
+                             correct=_norm(ans) == _norm(r.answer)))
+    return rows
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.lower().strip().rstrip(".").split())
+
+
+def summarize(backbone: str, grounding: Sequence[dict], vqa: Sequence[dict]) -> list[dict]:
+    """Metric rows: one per backbone x task x split/type x metric."""
+    out = []
+    by_ds = defaultdict(list)
+    for r in grounding:
+        by_ds[r["dataset"]].append(r)
+    for ds, rs in sorted(by_ds.items()):
+        n = len(rs)
+        out.append(dict(backbone=backbone, task="grounding", split=ds, metric="acc@0.5",
+                        value=sum(r["correct"] for r in rs) / n, n=n))
+        out.append(dict(backbone=backbone, task="grounding", split=ds, metric="invalid_rate",
+                        value=sum(not r["valid"] for r in rs) / n, n=n))
+        out.append(dict(backbone=backbone, task="grounding", split=ds, metric="mean_iou",
+                        value=sum(r["iou"] for r in rs) / n, n=n))
+    by_q = defaultdict(list)
+    for r in vqa:
+        by_q[r["question_type"]].append(r)
+    for q, rs in sorted(by_q.items()):
+        out.append(dict(backbone=backbone, task="vqa", split=q, metric="accuracy",
+                        value=sum(r["correct"] for r in rs) / len(rs), n=len(rs)))
+    if vqa:
+        out.append(dict(backbone=backbone, task="vqa", split="all", metric="accuracy",
+                        value=sum(r["correct"] for r in vqa) / len(vqa), n=len(vqa)))
+    return out
+
+
+def grounding_baselines(train_records: Sequence, val_records: Sequence, objects_of: dict) -> list[dict]:
+    """Chance levels for Acc@0.5 per split, with no model:
+
+    - ``chance:mean-box``: always answer the mean training box (normalised), the best-known constant guess;
+    - ``chance:random-object``: pick one of the image's objects uniformly (a perfect detector that ignores
+      the expression); ``objects_of[image_path]`` lists that image's object boxes in pixels.
+    """
+    def norm(r):
+        return torch.tensor(r.box_xyxy) / torch.tensor([r.image_width, r.image_height] * 2)
+
+    mean_box = torch.stack([norm(r) for r in train_records]).mean(0)
+    by_ds = defaultdict(list)
+    for r in val_records:
+        by_ds[r.dataset].append(r)
+    out = []
+    for ds, rs in sorted(by_ds.items()):
+        hits = [float(box_iou(mean_box, norm(r)) >= IOU_THRESHOLD) for r in rs]
+        out.append(dict(backbone="chance:mean-box", task="grounding", split=ds, metric="acc@0.5",
+                        value=sum(hits) / len(hits), n=len(rs)))
+        fr = []
+        for r in rs:
+            boxes = torch.tensor(objects_of[str(r.image_path)], dtype=torch.float32)
+            fr.append(float((box_iou(boxes, torch.tensor(r.box_xyxy, dtype=torch.float32)[None]) >= IOU_THRESHOLD)
+                            .float().mean()))
+        out.append(dict(backbone="chance:random-object", task="grounding", split=ds, metric="acc@0.5",
+                        value=sum(fr) / len(fr), n=len(rs)))
+    return out
+
+
+def vqa_baselines(train_records: Sequence, val_records: Sequence) -> list[dict]:
+    """``chance:majority``: the most frequent training answer of each question type."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for r in train_records:
+        counts[r.question_type][_norm(r.answer)] += 1
+    major = {q: c.most_common(1)[0][0] for q, c in counts.items()}
+    by_q = defaultdict(list)
+    for r in val_records:
+        by_q[r.question_type].append(_norm(r.answer) == major.get(r.question_type))
+    out = [dict(backbone="chance:majority", task="vqa", split=q, metric="accuracy", value=sum(v) / len(v), n=len(v))
+           for q, v in sorted(by_q.items())]
+    allv = [x for v in by_q.values() for x in v]
+    if allv:
+        out.append(dict(backbone="chance:majority", task="vqa", split="all", metric="accuracy",
+                        value=sum(allv) / len(allv), n=len(allv)))
+    return out

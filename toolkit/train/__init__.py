@@ -1,0 +1,1 @@
+"""Training loops: backbone pretraining (classification) and VLM stages (align / finetune)."""

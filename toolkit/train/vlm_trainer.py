@@ -1,0 +1,135 @@
+"""VLM training stages over a frozen backbone, resumable after an interruption.
+
+The backbone is frozen, so its tokens for every training image are computed once and reused by
+every step (``encode_all``); only the connector (``align``) or connector + LM (``finetune``) train.
+A train state (weights, optimizer, scheduler, sampler RNG, position) is written atomically every
+``checkpoint_every`` steps; a restarted run picks up from it and reaches the same final weights.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from toolkit.config import StageConfig, TrainConfig
+from toolkit.llm import PromptTemplate
+from toolkit.train.common import load_train_state, save_train_state, warmup_cosine
+from toolkit.vlm import VLM
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One supervised turn: the image it is about (index into the image list), the prompt and the answer."""
+
+    image: int
+    prompt: str
+    answer: str
+    kind: str  # "grounding" | "vqa"
+
+
+@torch.no_grad()
+def encode_all(vlm: VLM, image_paths: Sequence[str | Path], batch_size: int = 64, desc: str = "encode") -> torch.Tensor:
+    """Visual tokens ``(N_images, N_tokens, C_vis)`` for every image, on the CPU."""
+    out = []
+    for i in tqdm(range(0, len(image_paths), batch_size), desc=desc, unit="batch", leave=False):
+        pixels = torch.stack([vlm.preprocess(Image.open(p))[0] for p in image_paths[i:i + batch_size]])
+        out.append(vlm.encode_images(pixels).float().cpu())
+    return torch.cat(out)
+
+
+def _sample(turns_by_kind: dict[str, list[Turn]], batch_size: int, grounding_fraction: float,
+            gen: torch.Generator) -> list[Turn]:
+    kinds = [k for k in ("grounding", "vqa") if turns_by_kind.get(k)]
+    n_g = round(batch_size * grounding_fraction) if len(kinds) == 2 else (batch_size if kinds == ["grounding"] else 0)
+    counts = {"grounding": n_g, "vqa": batch_size - n_g}
+    batch = []
+    for k in kinds:
+        pool = turns_by_kind[k]
+        batch += [pool[int(i)] for i in torch.randint(len(pool), (counts[k],), generator=gen)]
+    return batch
+
+
+def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: TrainConfig, out_dir: Path,
+              device: torch.device, stages: Sequence[StageConfig] | None = None) -> dict:
+    """Run the configured stages; resume from ``out_dir/train_state.pt`` when present. Returns a record."""
+    stages = tuple(stages or cfg.stages)
+    by_kind: dict[str, list[Turn]] = {}
+    for t in turns:
+        by_kind.setdefault(t.kind, []).append(t)
+    state_path = out_dir / "train_state.pt"
+    state = load_train_state(state_path)
+    start_stage, start_step, losses = 0, 0, []
+    if state is not None:
+        vlm.load_trainable(state["trainable"])
+        start_stage, start_step, losses = state["stage"], state["step"], list(state["losses"])
+    vlm.to(device)
+    t0 = time.time()
+    for si in range(start_stage, len(stages)):
+        st = stages[si]
+        vlm.train()
+        vlm.lm.requires_grad_(st.train_lm)
+        params = [p for p in list(vlm.connector.parameters()) + list(vlm.lm.parameters()) if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=cfg.weight_decay)
+        sched = warmup_cosine(opt, int(cfg.warmup_frac * st.steps), st.steps)
+        gen = torch.Generator().manual_seed(cfg.seed + 1000 * si)
+        step = 0
+        if state is not None and si == start_stage:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            gen.set_state(state["rng"])
+            step = start_step
+        bar = tqdm(total=st.steps, initial=step, desc=f"{vlm.cfg.backbone} {st.name}", unit="step", leave=False)
+        while step < st.steps:
+            batch = _sample(by_kind, st.batch_size, cfg.grounding_fraction, gen)
+            feats = features[[t.image for t in batch]].to(device)
+            loss = vlm(feats, [t.prompt for t in batch], [t.answer for t in batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % cfg.checkpoint_every == 0 and step < st.steps:
+                save_train_state(state_path, stage=si, step=step, losses=losses, trainable=vlm.trainable_state_dict(),
+                                 optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=gen.get_state())
+        bar.close()
+        state = None
+    vlm.save(out_dir)
+    state_path.unlink(missing_ok=True)
+    return dict(seconds=round(time.time() - t0, 1), steps=sum(s.steps for s in stages), final_loss=_tail_mean(losses))
+
+
+def pretrain_lm_text(lm, tok, template: PromptTemplate, turns: Sequence[Turn], steps: int, batch_size: int, lr: float,
+                     device: torch.device, seed: int = 0) -> float:
+    """Text-only warm-up of a fresh LM on the world's prompts and answers (no image tokens), shared by all
+    backbones so every VLM starts from the same language model. Returns the mean loss of the last steps."""
+    lm = lm.to(device).train()
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr)
+    sched = warmup_cosine(opt, max(1, steps // 20), steps)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in tqdm(range(steps), desc="LM warm-up (text only)", unit="step", leave=False):
+        batch = [turns[int(i)] for i in torch.randint(len(turns), (batch_size,), generator=gen)]
+        texts = [template.prompt(t.prompt) + " " + t.answer + tok.eos_token for t in batch]
+        enc = tok([tok.bos_token + s for s in texts], add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        loss = lm(**enc, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return _tail_mean(losses)
+
+
+def _tail_mean(xs: list[float], n: int = 20) -> float:
+    tail = xs[-n:]
+    return round(sum(tail) / max(1, len(tail)), 4)

@@ -1,0 +1,265 @@
+"""The VLM: frozen vision backbone -> MLP connector -> causal LM (LLaVA / Prismatic composition).
+
+Sequence layout (Prismatic): ``[BOS] [N image embeddings] [prompt tokens] [answer tokens] [EOS]``;
+only the answer and EOS carry loss. Nothing here branches on the backbone family.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from toolkit.boxes import GROUNDING_PROMPT, parse_box
+from toolkit.connector import MLPConnector
+from toolkit.geometry import Geometry, apply_geometry, mean_fill, to_tensor_normalized
+from toolkit.llm import TEMPLATES, LMConfig, build_lm, lm_hidden_size
+from toolkit.registry import create_backbone
+
+IGNORE_INDEX = -100
+MAX_EXPRESSION_CHARS = 500
+
+
+@dataclass
+class VLMConfig:
+    backbone: str
+    connector: str = "mlp2x_gelu"
+    lm: LMConfig = field(default_factory=LMConfig)
+    image_resize_strategy: str | None = None  # None: the backbone's default (letterbox for all registered ones)
+    # "input": boxes are normalised in the model's input frame (geometrically exact);
+    # "original": by the original image size, as the RefCOCO harness does (wrong under letterbox for non-square images).
+    box_frame: str = "input"
+    backbone_overrides: dict = field(default_factory=dict)
+    backbone_weights: str | None = None  # path of the backbone's pretrained file
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VLMConfig":
+        d = dict(d)
+        d["lm"] = LMConfig(**d.get("lm", {}))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """An assembled batch. ``image_mask`` marks the image-token positions (B, T)."""
+
+    inputs_embeds: torch.Tensor  # (B, T, d)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor | None  # (B, T)
+    image_mask: torch.Tensor  # (B, T) bool
+    input_ids: torch.Tensor  # (B, T), pad id at image positions
+
+
+@dataclass(frozen=True)
+class Grounding:
+    """A grounding answer: text, whether it parsed, the box normalised in the answer's frame and in original pixels."""
+
+    answer: str
+    valid: bool
+    box_norm: tuple[float, float, float, float] | None
+    box_pixels: tuple[float, float, float, float] | None
+    geometry: Geometry
+
+
+class VLM(nn.Module):
+    def __init__(self, cfg: VLMConfig, backbone: nn.Module, lm: nn.Module, tokenizer):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.connector = MLPConnector(cfg.connector, backbone.embed_dim, lm_hidden_size(lm))
+        self.template = TEMPLATES[cfg.lm.template]
+        self.resize = cfg.image_resize_strategy or backbone.data_config.resize
+
+    @classmethod
+    def build(cls, cfg: VLMConfig, tokenizer=None) -> "VLM":
+        backbone = create_backbone(cfg.backbone, **cfg.backbone_overrides)
+        if cfg.backbone_weights:
+            backbone.load_official(cfg.backbone_weights) if not str(cfg.backbone_weights).endswith(".safetensors") \
+                else _load_own_backbone(backbone, cfg.backbone_weights)
+        lm, tok = build_lm(cfg.lm, tokenizer)
+        return cls(cfg, backbone, lm, tok)
+
+    def train(self, mode: bool = True) -> "VLM":
+        super().train(mode)
+        self.backbone.eval()  # frozen: never in train mode (drop path, dropout)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.connector.parameters()).device
+
+    # -- images ---------------------------------------------------------------------------------
+    def preprocess(self, image: Image.Image) -> tuple[torch.Tensor, Geometry]:
+        """PIL image -> normalised ``(3, H, W)`` model input and the geometry that maps boxes back."""
+        dc = self.backbone.data_config
+        img, geom = apply_geometry(image, dc.img_size, self.resize, fill=mean_fill(dc.mean))
+        return to_tensor_normalized(img, dc.mean, dc.std), geom
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> visual tokens ``(B, N, C_vis)`` from the frozen backbone."""
+        return self.backbone(pixels.to(self.device))
+
+    # -- sequences ------------------------------------------------------------------------------
+    def assemble(self, visual_tokens: torch.Tensor, prompts: Sequence[str], answers: Sequence[str] | None = None,
+                 padding_side: str = "right") -> Batch:
+        """Splice projected visual tokens ``(B, N, C_vis)`` into templated prompts (and answers, for training)."""
+        tok = self.tokenizer
+        n_img = visual_tokens.shape[1]
+        pad = tok.pad_token_id
+        rows, label_rows, img_rows = [], [], []
+        for i, p in enumerate(prompts):
+            head = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + [pad] * n_img
+            p_ids = tok(self.template.prompt(p), add_special_tokens=False).input_ids
+            a_ids = [] if answers is None else tok(answers[i], add_special_tokens=False).input_ids + [tok.eos_token_id]
+            ids = head + p_ids + a_ids
+            rows.append(ids)
+            label_rows.append([IGNORE_INDEX] * (len(head) + len(p_ids)) + a_ids)
+            img_rows.append([False] * (len(head) - n_img) + [True] * n_img + [False] * (len(p_ids) + len(a_ids)))
+        t = max(map(len, rows))
+
+        def padded(row, value):
+            fill = [value] * (t - len(row))
+            return fill + row if padding_side == "left" else row + fill
+
+        dev = self.device
+        input_ids = torch.tensor([padded(r, pad) for r in rows], device=dev)
+        attn = torch.tensor([padded([1] * len(r), 0) for r in rows], device=dev)
+        image_mask = torch.tensor([padded(r, False) for r in img_rows], device=dev)
+        embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, d)
+        vis = self.connector(visual_tokens.to(dev, embeds.dtype))  # (B, N, d)
+        embeds = embeds.masked_scatter(image_mask[..., None], vis)
+        labels = None if answers is None else torch.tensor([padded(r, IGNORE_INDEX) for r in label_rows], device=dev)
+        return Batch(embeds, attn, labels, image_mask, input_ids)
+
+    def forward(self, visual_tokens: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
+        """Next-token loss on the answers, given precomputed visual tokens ``(B, N, C_vis)``."""
+        b = self.assemble(visual_tokens, prompts, answers)
+        return self.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask, labels=b.labels).loss
+
+    @torch.no_grad()
+    def generate(self, visual_tokens: torch.Tensor, prompts: Sequence[str], max_new_tokens: int = 24) -> list[str]:
+        """Greedy answers for a batch of precomputed visual tokens ``(B, N, C_vis)``."""
+        b = self.assemble(visual_tokens, prompts, padding_side="left")
+        out = self.lm.generate(
+            inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    # -- user-facing ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def answer(self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int = 24) -> list[str]:
+        pixels = torch.stack([self.preprocess(im)[0] for im in images])
+        return self.generate(self.encode_images(pixels), prompts, max_new_tokens)
+
+    @torch.no_grad()
+    def ground(self, image: Image.Image, expression: str) -> Grounding:
+        """Box for a referring expression; an answer that is not a box comes back with ``valid=False``."""
+        expression = validate_expression(expression)
+        pixels, geom = self.preprocess(image)
+        (answer,) = self.generate(self.encode_images(pixels[None]), [GROUNDING_PROMPT.format(expression=expression)])
+        return self.read_box(answer, geom)
+
+    def read_box(self, answer: str, geom: Geometry) -> Grounding:
+        """Parse a box answer and map it onto the original image's pixels through the configured ``box_frame``."""
+        box = parse_box(answer)
+        if box is None:
+            return Grounding(answer, False, None, None, geom)
+        if self.cfg.box_frame == "original":
+            x1, y1, x2, y2 = box
+            pix = (x1 * geom.orig_w, y1 * geom.orig_h, x2 * geom.orig_w, y2 * geom.orig_h)
+        else:
+            pix = geom.norm_input_to_original(box)
+        return Grounding(answer, True, box, pix, geom)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Connector and LM weights (the backbone is frozen and saved once, apart)."""
+        sd = {f"connector.{k}": v for k, v in self.connector.state_dict().items()}
+        sd.update({f"lm.{k}": v for k, v in self.lm.state_dict().items()})
+        return sd
+
+    def save(self, run_dir: str | Path) -> None:
+        from toolkit.checkpoints import save_safetensors
+
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        sd = self.trainable_state_dict()
+        # Tied input/output embeddings share storage; safetensors refuses shared tensors, so drop the alias.
+        if getattr(self.lm.config, "tie_word_embeddings", False):
+            sd.pop("lm.lm_head.weight", None)
+        save_safetensors(sd, run_dir / "model.safetensors")
+        self.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
+        self.lm.config.save_pretrained(str(run_dir / "lm_config"))
+        (run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, run_dir: str | Path, map_location: str = "cpu") -> "VLM":
+        """Rebuild from ``run_dir`` (config.json, tokenizer/, lm_config/, model.safetensors); clear errors if incomplete."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        run_dir = Path(run_dir)
+        for part in ("config.json", "model.safetensors", "tokenizer", "lm_config"):
+            if not (run_dir / part).exists():
+                raise FileNotFoundError(f"{run_dir} is not a complete VLM run: `{part}` is missing")
+        cfg = VLMConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        tok = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(run_dir / "lm_config")))
+        backbone = create_backbone(cfg.backbone, **cfg.backbone_overrides)
+        if cfg.backbone_weights:
+            _load_own_backbone(backbone, cfg.backbone_weights)
+        vlm = cls(cfg, backbone, lm, tok)
+        sd = load_file(str(run_dir / "model.safetensors"), device=map_location)
+        missing, unexpected = vlm.load_trainable(sd)
+        if unexpected or [k for k in missing if k != "lm.lm_head.weight"]:
+            raise ValueError(f"{run_dir}/model.safetensors does not fit config.json: missing {missing[:8]}, "
+                             f"unexpected {unexpected[:8]}")
+        return vlm
+
+    def load_trainable(self, sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        own = self.trainable_state_dict()
+        missing = [k for k in own if k not in sd]
+        unexpected = [k for k in sd if k not in own]
+        self.connector.load_state_dict({k[10:]: v for k, v in sd.items() if k.startswith("connector.")})
+        self.lm.load_state_dict({k[3:]: v for k, v in sd.items() if k.startswith("lm.")}, strict=False)
+        if getattr(self.lm.config, "tie_word_embeddings", False):
+            self.lm.tie_weights()
+        return missing, unexpected
+
+
+def _load_own_backbone(backbone: nn.Module, path: str | Path) -> None:
+    """Load a backbone file the toolkit wrote (safetensors, our key names), reporting offending keys."""
+    from toolkit.backbones.base import CheckpointMismatchError, _mismatch_message
+    from toolkit.checkpoints import load_state_dict_file
+
+    sd = load_state_dict_file(path)
+    own = backbone.state_dict()
+    missing = tuple(sorted(k for k in own if k not in sd))
+    unexpected = tuple(sorted(k for k in sd if k not in own))
+    bad = tuple(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in own if k in sd and sd[k].shape != own[k].shape)
+    if missing or unexpected or bad:
+        raise CheckpointMismatchError(_mismatch_message(path, missing, unexpected, bad))
+    backbone.load_state_dict(sd)
+
+
+def validate_expression(expression: str) -> str:
+    """Reject empty or absurdly long expressions with a message that says which."""
+    if not isinstance(expression, str) or not expression.strip():
+        raise ValueError("the referring expression is empty: type what to find, e.g. 'the red circle'")
+    expression = " ".join(expression.split())
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise ValueError(f"the referring expression is {len(expression)} characters long; "
+                         f"at most {MAX_EXPRESSION_CHARS} are accepted")
+    return expression
