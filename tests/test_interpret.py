@@ -1,0 +1,175 @@
+"""toolkit.interpret: map shapes on each backbone's grid, value ranges, what is captured per family, input checks."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import RUN_BACKBONES, scan_kernels_available, scene_image, tiny_vlm
+from PIL import Image
+
+from toolkit.boxes import GROUNDING_PROMPT, box_iou
+from toolkit.interpret import (analyze, backbone_attention, compare, example_images, lm_image_attention, load_image,
+                               parse_pixel_box, results_table, scan_paths, text_image_similarity)
+
+needs_scan_kernels = pytest.mark.skipif(not scan_kernels_available(),
+                                        reason="toolkit_kernels.ss2d_scan_attention missing")
+
+
+@pytest.fixture(scope="module")
+def vlms(tiny_tokenizer):
+    return {name: tiny_vlm(tiny_tokenizer, name) for name in RUN_BACKBONES}
+
+
+def _tokens(vlm, image=None):
+    pixels, _ = vlm.preprocess(image or scene_image())
+    return pixels, vlm.encode_images(pixels[None]), vlm.backbone.grid(tuple(pixels.shape[-2:]))
+
+
+@pytest.mark.parametrize("name", RUN_BACKBONES)
+@pytest.mark.parametrize("contextual", [False, True])
+def test_similarity_maps_on_the_backbone_grid(vlms, name, contextual):
+    vlm = vlms[name]
+    _, tokens, grid = _tokens(vlm)
+    sim = text_image_similarity(vlm, tokens, "the small blue star", grid, contextual=contextual)
+    assert sim.maps.shape == (len(sim.tokens), *grid) and len(sim.tokens) >= 4
+    assert "".join(sim.tokens).replace("▁", " ").strip() == "the small blue star"
+    assert torch.allclose(sim.mean, sim.maps.mean(0))
+    assert sim.maps.abs().max() <= 1 + 1e-5 and torch.isfinite(sim.maps).all()
+
+
+def test_vit_attention_is_what_the_model_used(vlms):
+    """Captured maps: one per block, CLS dropped, rows are distributions; capturing leaves outputs unchanged and
+    restores the fused path."""
+    bb = vlms["vit-test"].backbone
+    pixels, tokens, grid = _tokens(vlms["vit-test"])
+    att = backbone_attention(bb, pixels)
+    n = grid[0] * grid[1]
+    assert list(att.layers) == [name for name, _ in bb.attention_modules()] and not att.skipped
+    for a in list(att.layers.values()) + [att.rollout()]:
+        assert a.shape == (n, n) and torch.allclose(a.sum(-1), torch.ones(n), atol=1e-5) and (a >= 0).all()
+    assert all(m.fused_attn for _, m in bb.attention_modules())
+    assert torch.allclose(bb(pixels[None]), tokens, atol=1e-5)
+    maps = att.query_maps((1, 2))
+    assert set(maps) == set(att.layers) | {"rollout"} and all(m.shape == grid for m in maps.values())
+
+
+def test_windowed_attention_gives_an_empty_result_with_reasons(vlms):
+    bb = vlms["maxvit-test"].backbone
+    att = backbone_attention(bb, _tokens(vlms["maxvit-test"])[0])
+    assert att.layers == {} and att.rollout() is None and att.query_maps((0, 0)) == {}
+    assert set(att.skipped) == {name for name, _ in bb.attention_modules()}
+
+
+@pytest.mark.parametrize("name", RUN_BACKBONES)
+@pytest.mark.parametrize("source", ["answer", "prompt"])
+def test_lm_attention_on_image_positions_sums_to_at_most_one(vlms, name, source):
+    vlm = vlms[name]
+    _, tokens, grid = _tokens(vlm)
+    impl = vlm.lm.config._attn_implementation
+    att = lm_image_attention(vlm, tokens, GROUNDING_PROMPT.format(expression="the red square"),
+                             "[0.10, 0.20, 0.30, 0.40]", grid, source=source)
+    assert att.maps.shape == (1, 2, *grid) and att.mean().shape == grid
+    totals = att.maps.sum((-1, -2))  # (layers, heads)
+    assert (att.maps >= 0).all() and (totals <= 1 + 1e-5).all() and (totals > 0).all()
+    assert vlm.lm.config._attn_implementation == impl  # eager only for the call
+
+
+@needs_scan_kernels
+def test_scan_paths_per_direction_and_merged(vlms):
+    bb = vlms["vmamba-test"].backbone
+    pixels, _, grid = _tokens(vlms["vmamba-test"])
+    paths, skipped = scan_paths(bb, pixels, point=(0.2, 0.8))
+    assert list(paths) == [name for name, _ in bb.scan_modules()] and not skipped
+    assert next(reversed(paths.values())).grid == grid  # the last scan module is the tap's block
+    for p in paths.values():
+        assert p.per_direction.shape == (4, *p.grid) and p.merged.shape == p.grid
+        assert torch.allclose(p.merged, p.per_direction.sum(0), rtol=1e-4, atol=1e-6)
+        assert p.query == (int(0.2 * p.grid[0]), min(int(0.8 * p.grid[1]), p.grid[1] - 1))
+
+
+def test_families_without_scan_modules_have_no_scan_paths(vlms):
+    paths, skipped = scan_paths(vlms["vit-test"].backbone, _tokens(vlms["vit-test"])[0])
+    assert paths == {} and skipped == {}
+
+
+def test_analyze_queries_the_box_centre_and_scores_iou(vlms, monkeypatch):
+    vlm = vlms["vit-test"]
+    monkeypatch.setattr(vlm, "generate", lambda *a, **k: ["[0.50, 0.50, 1.00, 1.00]"])
+    img = scene_image((64, 32))  # letterboxed into 32x32: the image fills rows 8..24 of the input
+    a = analyze(vlm, img, "the red square", gt_box=(32, 16, 64, 32), saliency=True)
+    assert a.grounding.valid and a.grounding.box_pixels == pytest.approx((32, 16, 64, 32))
+    assert a.iou == pytest.approx(1.0) and a.query == (2, 3)  # box (clipped to the image) centre: y 0.625, x 0.75
+    assert a.backbone_map()[0] == "attention rollout" and a.backbone_map()[1].shape == a.grid
+    assert a.saliency.shape == (32, 32) and (a.saliency >= 0).all() and a.saliency.sum() > 0
+    assert analyze(vlm, img, "the red square", query=(0, 1)).query == (0, 1)
+    with pytest.raises(ValueError, match="outside"):
+        analyze(vlm, img, "the red square", query=(4, 0))
+
+
+def test_compare_runs_every_family_and_tabulates(vlms):
+    res = compare(vlms, scene_image(), "the red square", gt_box=(4, 4, 18, 18))
+    assert list(res) == list(RUN_BACKBONES)
+    for a in res.values():
+        assert a.similarity.mean.shape == a.grid and a.lm_attention.mean().shape == a.grid
+        assert a.iou == (float(box_iou(torch.tensor(a.grounding.box_pixels), torch.tensor([4., 4., 18., 18.])))
+                         if a.grounding.valid else 0.0)
+    assert res["maxvit-test"].attention == {} and res["maxvit-test"].scan_paths == {}
+    table = results_table(res)
+    assert list(table.backbone) == list(RUN_BACKBONES) and list(table.columns) == ["backbone", "answer", "valid",
+                                                                                    "box", "iou"]
+
+
+def _bomb_png(side: int = 20000) -> bytes:
+    """A PNG header claiming ``side x side`` pixels (no pixel data): what a decompression bomb looks like to PIL."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("image,expression,match", [
+    (scene_image(), "", "expression is empty"),
+    (scene_image(), "x" * 10000, "10000 characters"),
+    (None, "the red square", "no image given"),
+    (42, "the red square", "not an image"),
+    ("no/such/file.png", "the red square", "does not exist"),
+    (b"this is not an image", "the red square", "not a readable image"),
+    (_bomb_png(), "the red square", "too large to decode safely"),
+    (np.zeros((4, 4, 2)), "the red square", "image array"),
+])
+def test_bad_input_raises_a_clear_value_error(vlms, image, expression, match):
+    with pytest.raises(ValueError, match=match):
+        compare(vlms, image, expression)
+
+
+def test_no_backbone_selected_is_a_clear_error():
+    with pytest.raises(ValueError, match="no backbone selected"):
+        compare({}, scene_image(), "the red square")
+
+
+def test_load_image_caps_sizes_and_reads_every_form(tmp_path):
+    big = load_image(np.zeros((300, 5000), dtype=np.uint8), max_side=1000)
+    assert big.size == (1000, 60) and big.mode == "RGB"
+    assert load_image(np.ones((8, 8, 3)), max_side=16).getpixel((0, 0)) == (255, 255, 255)
+    buf = io.BytesIO()
+    scene_image().save(buf, format="PNG")
+    (tmp_path / "s.png").write_bytes(buf.getvalue())
+    for source in (buf.getvalue(), tmp_path / "s.png", str(tmp_path / "s.png"), scene_image()):
+        assert np.array_equal(np.asarray(load_image(source)), np.asarray(scene_image()))
+
+
+def test_pixel_boxes_parse_or_explain():
+    assert parse_pixel_box(" ") is None and parse_pixel_box("[4, 4, 18.5, 18]") == (4, 4, 18.5, 18)
+    for bad in ("1, 2, 3", "a, b, c, d", "10, 10, 5, 20"):
+        with pytest.raises(ValueError, match="ground-truth box"):
+            parse_pixel_box(bad)
+
+
+def test_example_images_come_from_the_run(tiny_run, tmp_path):
+    (ex,) = example_images(tiny_run)
+    assert ex.expression == "the red square" and ex.gt_box == (4, 4, 18, 18) and Image.open(ex.image).size == (48, 32)
+    assert example_images(tmp_path) == []

@@ -1,0 +1,100 @@
+"""toolkit.viz: maps land on the original image (padding removed), figures build, export writes real files, widgets."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import CHROMIUM, RUN_BACKBONES, scan_kernels_available, scene_image, tiny_vlm
+from PIL import Image
+
+from toolkit.geometry import apply_geometry
+from toolkit.interpret import Example, compare
+from toolkit.viz import map_on_original, overlay, save_figure, scan_path_figure, side_by_side
+from toolkit.viz.overlays import cell_box
+
+
+@pytest.fixture(scope="module")
+def analyses(tiny_tokenizer):
+    vlms = {name: tiny_vlm(tiny_tokenizer, name) for name in RUN_BACKBONES}
+    vlms["vit-test"].generate = lambda *a, **k: ["[0.10, 0.30, 0.50, 0.70]"]  # one valid box to draw and score
+    return compare(vlms, scene_image(), "the red square", gt_box=(4, 4, 18, 18))
+
+
+def test_maps_land_on_the_original_image_without_the_letterbox():
+    _, geom = apply_geometry(scene_image((64, 32)), (32, 32), "letterbox")  # image rows 8..24 of the input
+    padding = torch.ones(32, 32)
+    padding[8:24] = 0
+    assert map_on_original(padding, geom, (64, 32)).max() == 0
+    ramp = torch.arange(4.0).repeat(4, 1)  # a 4x4 token map growing left to right
+    out = map_on_original(ramp, geom, (64, 32))
+    assert out.shape == (32, 64) and (out == out[:1]).all() and list(np.unique(out[0])) == [0, 1, 2, 3]
+    assert cell_box((1, 0), (4, 4), geom) == pytest.approx((0, 0, 16, 16))  # row 1 starts at input row 8: y 0
+    _, crop = apply_geometry(scene_image((64, 32)), (32, 32), "resize-crop")  # the model sees columns 16..48
+    seen = ~np.isnan(map_on_original(torch.ones(4, 4), crop, (64, 32)))
+    assert seen[:, 16:48].all() and not seen[:, :16].any() and not seen[:, 48:].any()
+
+
+def test_side_by_side_has_a_row_per_backbone_and_scores_in_titles(analyses):
+    fig = side_by_side(analyses)
+    titles = [a.text for a in fig.layout.annotations]
+    assert len(titles) == 4 * len(analyses)
+    assert titles[0].startswith("vit-test: '[0.10, 0.30, 0.50, 0.70]' (IoU ")
+    assert any("invalid answer" in t or "IoU" in t for t in titles[4:])
+    assert sum(t.type == "image" for t in fig.data) == 4 * len(analyses)
+    dashed = [s for s in fig.layout.shapes if s.line.dash == "dash"]
+    assert len(dashed) == len(analyses)  # the ground-truth box in each row
+    assert "no backbone map (6 modules skipped)" == titles[4 * list(analyses).index("maxvit-test") + 3]  # windowed only
+
+
+def test_single_overlay_draws_the_map_and_both_boxes(analyses):
+    a = analyses["vit-test"]
+    fig = overlay(a.image, a.similarity.mean, a.geometry, pred_box=a.grounding.box_pixels, gt_box=a.gt_box)
+    assert [t.type for t in fig.data] == ["image", "heatmap"] and len(fig.layout.shapes) == 2
+    assert fig.data[1].z.shape == (32, 48)  # sampled at the original image's pixels (48x32 here)
+
+
+@pytest.mark.skipif(not scan_kernels_available(), reason="toolkit_kernels.ss2d_scan_attention missing")
+def test_scan_path_figure_has_a_panel_per_direction_and_the_sum(analyses):
+    fig = scan_path_figure(analyses["vmamba-test"])
+    assert [a.text for a in fig.layout.annotations] == ["row-major", "column-major", "row-major reversed",
+                                                        "column-major reversed", "merged"]
+
+
+def test_scan_path_figure_explains_a_backbone_without_scans(analyses):
+    with pytest.raises(ValueError, match="no scan paths"):
+        scan_path_figure(analyses["vit-test"])
+
+
+def test_export_html(analyses, tmp_path):
+    path = save_figure(side_by_side(analyses), tmp_path / "fig.html")
+    assert "plotly" in path.read_text()[:100000]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="PNG export needs Chromium (apt-get install chromium)")
+def test_export_png_is_a_real_png(analyses, tmp_path):
+    fig = side_by_side(analyses)
+    path = save_figure(fig, tmp_path / "fig.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(path).size == (fig.layout.width, fig.layout.height)
+
+
+def test_explorer_runs_and_reports_bad_input(tiny_tokenizer, tmp_path):
+    from toolkit.viz import Explorer
+
+    scene_image().save(tmp_path / "scene.png")
+    ui = Explorer({"vit-test": tiny_vlm(tiny_tokenizer, "vit-test")},
+                  [Example(str(tmp_path / "scene.png"), "the red square")])
+    assert ui.expression.value == "the red square"  # filled from the chosen example
+    assert list(ui.run()) == ["vit-test"] and "<table" in ui.status.value
+    ui.expression.value = ""
+    assert ui.run() is None and "expression is empty" in ui.status.value
+
+
+def test_explorer_names_the_extra_when_ipywidgets_is_missing(monkeypatch):
+    from toolkit.viz import widgets
+
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)
+    with pytest.raises(ImportError, match="notebooks"):
+        widgets.Explorer({})

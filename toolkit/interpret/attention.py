@@ -1,0 +1,158 @@
+"""Attention maps: inside the backbone (its ``attention_modules()``) and from the LM's answer onto the image tokens.
+
+Backbone attention is captured, not recomputed: each module runs its own non-fused path (``fused_attn=False``)
+and a forward hook on its ``attn_drop`` reads the probabilities it is about to use. That path already holds every
+variant's details (relative-position bias in MaxViT, q/k norms, masks, scale), which recomputing q·k from the
+``qkv`` weights would have to re-implement per family. Modules without that hook point, and windowed attention
+(whose window layout is not part of the feature contract, so its maps cannot be placed on the grid), are skipped
+with a reason. Families without attention modules give an empty result.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from toolkit.vlm import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class BackboneAttention:
+    """Per-module attention over the tap grid's patches, mean over heads, prefix (CLS) tokens removed."""
+
+    layers: dict[str, torch.Tensor]  # module name -> (N, N), rows renormalised over the patches
+    grid: tuple[int, int]
+    skipped: dict[str, str] = field(default_factory=dict)  # module name -> why it has no map
+
+    def rollout(self) -> torch.Tensor | None:
+        """Attention rollout (Abnar & Zuidema 2020): ``prod_l (A_l + I) / 2``, rows renormalised; (N, N) or None.
+
+        Row i says how much each input patch flows into patch i's token through the captured layers (the global
+        ones only, where a family mixes windowed and global attention).
+        """
+        if not self.layers:
+            return None
+        n = next(iter(self.layers.values())).shape[0]
+        eye = torch.eye(n)
+        out = eye
+        for a in self.layers.values():
+            a = (a + eye) / 2
+            out = (a / a.sum(-1, keepdim=True)) @ out
+        return out
+
+    def query_maps(self, query: tuple[int, int], rollout: bool = True) -> dict[str, torch.Tensor]:
+        """Attention of the ``(row, col)`` patch over the grid, per module (and rolled out): name -> (h, w)."""
+        h, w = self.grid
+        i = query[0] * w + query[1]
+        maps = {name: a[i].reshape(h, w) for name, a in self.layers.items()}
+        r = self.rollout() if rollout else None
+        if r is not None:
+            maps["rollout"] = r[i].reshape(h, w)
+        return maps
+
+
+@contextmanager
+def capture_attention(backbone) -> Iterator[dict[str, object]]:
+    """While active, every forward of ``backbone`` stores its modules' attention probabilities.
+
+    Yields name -> ``(B', heads, n, n)`` tensor (the last forward's), or name -> reason (str) for modules that
+    offer no hook point.
+    """
+    store: dict[str, object] = {}
+    restore, handles = [], []
+    for name, mod in backbone.attention_modules():
+        drop = getattr(mod, "attn_drop", None)
+        if not hasattr(mod, "fused_attn") or not isinstance(drop, torch.nn.Module):
+            store[name] = "no non-fused path with an attn_drop hook point"
+            continue
+        restore.append((mod, mod.fused_attn))
+        mod.fused_attn = False
+        hook = lambda m, inp, out, name=name: store.__setitem__(name, inp[0].detach())  # noqa: E731
+        handles.append(drop.register_forward_hook(hook))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+        for mod, fused in restore:
+            mod.fused_attn = fused
+
+
+def place_on_grid(captured: dict[str, object], grid: tuple[int, int]) -> BackboneAttention:
+    """Keep the maps of one image that are global over the tap grid: one row and ``n = h*w + p`` tokens, the
+    ``p`` prefix tokens first (timm's layout, ``p < min(h, w)``). Windowed attention has one row per window or
+    another token count and is skipped."""
+    h, w = grid
+    layers, skipped = {}, {}
+    for name, probs in captured.items():
+        if isinstance(probs, str):
+            skipped[name] = probs
+            continue
+        b, _, n, _ = probs.shape
+        p = n - h * w
+        if b != 1 or not 0 <= p < min(h, w):
+            skipped[name] = f"windowed or off-grid attention: {b} row(s) of {n} tokens, not 1 of {h}x{w} (+ prefix)"
+            continue
+        a = probs[0].float().mean(0)[p:, p:]  # (N, N), heads averaged, prefix dropped
+        layers[name] = (a / a.sum(-1, keepdim=True).clamp_min(1e-12)).cpu()
+    return BackboneAttention(layers, grid, skipped)
+
+
+@torch.no_grad()
+def backbone_attention(backbone, pixels: torch.Tensor) -> BackboneAttention:
+    """Attention of every attention module for one normalised image ``pixels (3, H, W)``."""
+    with capture_attention(backbone) as captured:
+        backbone(pixels[None])
+    return place_on_grid(captured, backbone.grid(tuple(pixels.shape[-2:])))
+
+
+@dataclass(frozen=True)
+class LMAttention:
+    """Attention mass the LM puts on each image position, from the positions that produced the answer."""
+
+    maps: torch.Tensor  # (layers, heads, h, w); each (layer, head) sums to <= 1 over the grid
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    source: str
+
+    def mean(self) -> torch.Tensor:
+        """(h, w): averaged over the chosen layers and heads."""
+        return self.maps.mean((0, 1))
+
+
+@contextmanager
+def eager_attention(lm) -> Iterator[None]:
+    """Fused kernels (SDPA, flash) return no probabilities: switch the LM to eager attention for the duration."""
+    old = lm.config._attn_implementation
+    lm.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(old)
+
+
+@torch.no_grad()
+def lm_image_attention(vlm, visual_tokens: torch.Tensor, prompt: str, answer: str, grid: tuple[int, int], *,
+                       layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+                       source: str = "answer") -> LMAttention:
+    """Attention from the answer onto the image tokens, for one image ``visual_tokens (1, N, C_vis)``.
+
+    The sequence is the assembled prompt + ``answer`` + EOS. ``source="answer"`` averages the rows that predict
+    the answer's tokens (the last prompt token through the last answer token), ``"prompt"`` takes the last prompt
+    token alone (the one that chose the first answer token).
+    """
+    if source not in ("answer", "prompt"):
+        raise ValueError(f"source must be 'answer' or 'prompt', got {source!r}")
+    batch = vlm.assemble(visual_tokens, [prompt], [answer])
+    with eager_attention(vlm.lm):
+        att = vlm.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                     output_attentions=True).attentions  # per layer (1, H, T, T)
+    rows = (batch.labels[0, 1:] != IGNORE_INDEX).nonzero()[:, 0]  # position t predicts token t + 1
+    rows = rows[:1] if source == "prompt" else rows
+    layers = tuple(range(len(att))) if layers is None else tuple(i % len(att) for i in layers)
+    heads = tuple(range(att[0].shape[1])) if heads is None else tuple(heads)
+    img = batch.image_mask[0]
+    maps = torch.stack([att[i][0][list(heads)][:, rows][:, :, img].float().mean(1) for i in layers])  # (L, H, N)
+    return LMAttention(maps.reshape(len(layers), len(heads), *grid).cpu(), layers, heads, source)
