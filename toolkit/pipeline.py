@@ -1,0 +1,160 @@
+"""The main job: scene world -> matched backbone pretraining -> one VLM per backbone -> evaluation -> report.
+
+Every step is cached in the run directory (see ``toolkit.runs``), so a second run reuses the data,
+backbones, VLMs and evaluations it finds, and an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from toolkit.config import ExperimentConfig
+from toolkit.eval.evaluate import (evaluate_grounding, evaluate_vqa, grounding_baselines, summarize,
+                                   vqa_baselines)
+from toolkit.llm import TEMPLATES
+from toolkit.train.common import pick_device, seed_everything
+from toolkit.train.pretrain import load_image_folder, pretrain_backbone
+from toolkit.train.vlm_trainer import Turn, encode_all, pretrain_lm_text, train_vlm
+from toolkit.vlm import VLM, VLMConfig
+
+STYLES = ("refcoco", "refcoco+", "refcocog")
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def world_data(cfg: ExperimentConfig, cache_root: Path):
+    """Generate (or reuse) the scene world and read it back through the real-format loaders."""
+    from toolkit.data import SceneWorldConfig, build_world
+
+    wcfg = SceneWorldConfig(**cfg.world)
+    key = hashlib.sha1(json.dumps(cfg.world, sort_keys=True).encode()).hexdigest()[:10]
+    return build_world(cache_root / f"world-{key}", wcfg, progress=True)
+
+
+def turns_from_llava(records, image_index: dict[str, int]) -> list[Turn]:
+    """LLaVA conversation records -> single-turn training examples (the ``<image>`` marker is stripped:
+    the image tokens are spliced after BOS instead, as Prismatic does)."""
+    out = []
+    for rec in records:
+        i = image_index[str(rec.image_path)]
+        for human, gpt in rec.turns:
+            prompt = human.replace("<image>", "").strip()
+            kind = "grounding" if prompt.startswith("Please provide the bounding box") else "vqa"
+            out.append(Turn(i, prompt, gpt, kind))
+    return out
+
+
+def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_root: str | Path = "data_cache",
+                   make_figures: bool = True) -> dict:
+    """Run (or resume) the whole job; returns {"run_dir", "rows", "pretrain"}."""
+    from toolkit.data import load_llava, load_refcoco, load_vqa_split, scene_objects, VQA_PROMPT
+
+    t_start = time.time()
+    run_dir = Path(runs_root) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.json")
+    device = pick_device(cfg.device)
+    seed_everything(cfg.train.seed)
+    _log(f"run {run_dir} on {device}; backbones: {', '.join(cfg.backbones)}")
+
+    world = world_data(cfg, Path(cache_root))
+    _log(f"scene world ready at {world.root}")
+
+    # 1. matched backbone pretraining on the classification set
+    pre = {}
+    cls_data = None
+    for name in cfg.backbones:
+        path = run_dir / "backbones" / f"{name}.safetensors"
+        if path.is_file() and path.with_suffix(".json").is_file():
+            pre[name] = json.loads(path.with_suffix(".json").read_text())
+            continue
+        if cls_data is None:
+            cls_data = (load_image_folder(world.classification / "train"), load_image_folder(world.classification / "val"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pre[name] = pretrain_backbone(name, cls_data[0], cls_data[1], cfg.pretrain, path, device, cfg.train.seed)
+        _log(f"pretrained {name}: top-1 {pre[name]['top1']:.3f} in {pre[name]['train_seconds']} s")
+
+    # 2. training turns (LLaVA format) and a tokenizer + text-only LM shared by every backbone
+    train_conv = load_llava(world.llava / "train.json", world.root)
+    train_images = sorted({str(r.image_path) for r in train_conv})
+    index = {p: i for i, p in enumerate(train_images)}
+    turns = turns_from_llava(train_conv, index)
+    lm_cfg = cfg.lm
+    if cfg.lm.name_or_path is None:  # a fresh LM: train tokenizer + text warm-up once, shared by every backbone
+        lm_dir = run_dir / "lm_base"
+        if not (lm_dir / "config.json").is_file():
+            _build_lm_base(cfg, turns, lm_dir, device)
+        lm_cfg = replace(cfg.lm, name_or_path=str(lm_dir))
+
+    # 3. one VLM per backbone
+    for name in cfg.backbones:
+        out = run_dir / "vlms" / name
+        if (out / "config.json").is_file():
+            continue
+        vcfg = VLMConfig(backbone=name, connector=cfg.connector, lm=lm_cfg,
+                         backbone_weights=str(run_dir / "backbones" / f"{name}.safetensors"))
+        vlm = VLM.build(vcfg).to(device)
+        feats = encode_all(vlm, train_images, desc=f"encode {name}")
+        rec = train_vlm(vlm, feats, turns, cfg.train, out, device)
+        (out / "train_record.json").write_text(json.dumps(rec, indent=2))
+        _log(f"trained VLM on {name}: {rec['steps']} steps in {rec['seconds']} s, final loss {rec['final_loss']}")
+
+    # 4. evaluation on val (cached per VLM and eval config)
+    refs = [r for s in STYLES for r in load_refcoco(world.root, s, "val")[: cfg.eval.max_per_style]]
+    vqa = load_vqa_split(world.root, "val")[: cfg.eval.max_vqa]
+    rows = []
+    for name in cfg.backbones:
+        g, q = _evaluate_cached(run_dir / "vlms" / name, refs, vqa, cfg, device, VQA_PROMPT)
+        rows += summarize(name, g, q)
+    train_refs = [r for s in STYLES for r in load_refcoco(world.root, s, "train")]
+    rows += grounding_baselines(train_refs, refs, scene_objects(world.root, "val"))
+    rows += vqa_baselines(load_vqa_split(world.root, "train"), vqa)
+    for name, rec in pre.items():
+        rows.append(dict(backbone=name, task="pretrain", split="val", metric="top1", value=rec["top1"],
+                         n=None))
+
+    from toolkit.report import write_report
+
+    write_report(run_dir, rows, pre, cfg)
+    if make_figures:
+        from toolkit.report import write_figures
+
+        write_figures(run_dir, refs, cfg)
+    _log(f"done in {time.time() - t_start:.0f} s; report: {run_dir / 'results.md'}")
+    return dict(run_dir=run_dir, rows=rows, pretrain=pre)
+
+
+def _build_lm_base(cfg: ExperimentConfig, turns: list[Turn], lm_dir: Path, device: torch.device) -> None:
+    """Tokenizer trained on the world's text + a fresh small Llama warmed up on text alone."""
+    from toolkit.llm import build_lm, train_tokenizer
+
+    texts = [t.prompt for t in turns] + [t.answer for t in turns] + ["USER: ASSISTANT:"]
+    tok = train_tokenizer(texts, cfg.lm.vocab_size)
+    lm, tok = build_lm(replace(cfg.lm, name_or_path=None), tok)
+    loss = pretrain_lm_text(lm, tok, TEMPLATES[cfg.lm.template], turns, cfg.train.lm_pretrain_steps,
+                            batch_size=64, lr=2e-3, device=device, seed=cfg.train.seed)
+    lm.save_pretrained(str(lm_dir))
+    tok.save_pretrained(str(lm_dir))
+    _log(f"LM warm-up (text only): {cfg.train.lm_pretrain_steps} steps, final loss {loss}")
+
+
+def _evaluate_cached(vlm_dir: Path, refs, vqa, cfg: ExperimentConfig, device, vqa_prompt: str):
+    """Per-example evaluation results, cached next to the VLM and keyed by the eval config and weights."""
+    key = hashlib.sha1(json.dumps([cfg.eval.__dict__, len(refs), len(vqa),
+                                   (vlm_dir / "model.safetensors").stat().st_mtime_ns]).encode()).hexdigest()[:12]
+    cache = vlm_dir / f"eval_val_{key}.json"
+    if cache.is_file():
+        d = json.loads(cache.read_text())
+        return d["grounding"], d["vqa"]
+    vlm = VLM.load(vlm_dir).to(device)
+    g = evaluate_grounding(vlm, refs, cfg.eval.batch_size, cfg.eval.max_new_tokens, desc=f"eval {vlm_dir.name} grounding")
+    q = evaluate_vqa(vlm, vqa, vqa_prompt, cfg.eval.batch_size, desc=f"eval {vlm_dir.name} vqa")
+    cache.write_text(json.dumps(dict(grounding=g, vqa=q)))
+    return g, q
