@@ -1,0 +1,96 @@
+"""Resize strategies: the geometry matches the pixels, boxes round-trip, and the RefCOCO frame mismatch."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from toolkit.boxes import box_iou
+from toolkit.geometry import STRATEGIES, apply_geometry
+
+SIZES = [(64, 96), (224, 224), (80, 40)]  # (H, W) the backbone is configured at
+
+
+def _random_box(rng: random.Random, w: int, h: int) -> tuple[float, float, float, float]:
+    x1, x2 = sorted(rng.uniform(0, w) for _ in range(2))
+    y1, y2 = sorted(rng.uniform(0, h) for _ in range(2))
+    return (x1, y1, x2, y2)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("size", SIZES)
+def test_round_trip_random_images_and_boxes(strategy, size):
+    rng = random.Random(hash((strategy, size)) % 2**32)
+    for _ in range(20):
+        w0, h0 = rng.randint(8, 700), rng.randint(8, 700)
+        out, g = apply_geometry(Image.new("RGB", (w0, h0)), size, strategy)
+        n = int(strategy.rsplit("-", 1)[1]) if strategy.startswith("letterbox-square-") else None
+        assert out.size == (g.in_w, g.in_h) == ((n, n) if n else (size[1], size[0]))
+        assert (g.orig_w, g.orig_h) == (w0, h0)
+        for _ in range(10):
+            box = _random_box(rng, w0, h0)
+            if strategy == "resize-crop":  # keep the box inside the visible crop; clipping is tested apart
+                vis = g.box_to_original((0, 0, g.in_w, g.in_h))
+                box = _random_box(rng, vis[2] - vis[0], vis[3] - vis[1])
+                box = (box[0] + vis[0], box[1] + vis[1], box[2] + vis[0], box[3] + vis[1])
+            assert g.box_to_original(g.box_to_input(box)) == pytest.approx(box, abs=1e-6)
+            assert g.norm_input_to_original(g.original_to_norm_input(box)) == pytest.approx(box, abs=1e-6)
+            assert all(0.0 <= v <= 1.0 for v in g.original_to_norm_input(box))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_geometry_matches_the_pixels(strategy):
+    """A white rectangle drawn on the original lands where ``box_to_input`` says (within resampling blur)."""
+    for (w0, h0), box in [((300, 120), (40, 20, 200, 90)), ((90, 250), (10, 100, 70, 230))]:
+        img = Image.new("RGB", (w0, h0), (0, 0, 0))
+        ImageDraw.Draw(img).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=(255, 255, 255))
+        out, g = apply_geometry(img, (128, 160), strategy)
+        ys, xs = np.nonzero(np.asarray(out.convert("L")) > 127)
+        found = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert found == pytest.approx(g.box_to_input(box), abs=1.5)
+
+
+def test_crop_clips_boxes_that_leave_it():
+    _, g = apply_geometry(Image.new("RGB", (400, 100)), (100, 100), "resize-crop")
+    assert (g.sx, g.ox) == (1.0, -150.0)  # the shorter side already fits; 150 px cropped on each side
+    assert g.box_to_input((0, 10, 400, 90)) == (0.0, 10.0, 100.0, 90.0)
+    assert g.box_to_original(g.box_to_input((0, 10, 400, 90))) == (150.0, 10.0, 250.0, 90.0)  # the visible part
+
+
+def test_shrink_never_enlarges_but_resize_and_pad_does():
+    small = Image.new("RGB", (640, 480))
+    out, g = apply_geometry(small, (800, 1333), "shrink-and-pad")
+    assert (g.sx, g.sy, out.size) == (1.0, 1.0, (1333, 800))  # the release pads a COCO-sized image, unscaled
+    _, g = apply_geometry(small, (800, 1333), "resize-and-pad")
+    assert g.sy == pytest.approx(800 / 480)  # mmdet's keep-ratio rescale fills the short side
+    _, g = apply_geometry(Image.new("RGB", (2000, 1000)), (512, 512), "letterbox-square-512")
+    assert (g.in_w, g.in_h, g.sx, g.sy, g.ox, g.oy) == (512, 512, 0.256, 0.256, 0.0, 0.0)
+
+
+def test_unknown_strategy_names_the_choices():
+    with pytest.raises(ValueError, match="letterbox-square-512"):
+        apply_geometry(Image.new("RGB", (4, 4)), (4, 4), "squash")
+
+
+def test_refcoco_letterbox_frame_mismatch():
+    """RefCOCO normalises ground truth by the ORIGINAL size; a letterboxed model sees a padded square frame.
+
+    For a non-square image the two normalisations of one box differ; ``Geometry`` maps each to the same pixels,
+    and reading an original-frame box as if it were an input-frame box (the known error) misses the object.
+    """
+    w0, h0 = 640, 320
+    _, g = apply_geometry(Image.new("RGB", (w0, h0)), (224, 224), "letterbox")
+    box = (320.0, 40.0, 480.0, 120.0)  # pixels of the original image
+    gt_original = (box[0] / w0, box[1] / h0, box[2] / w0, box[3] / h0)  # what the RefCOCO harness stores
+    gt_input = g.original_to_norm_input(box)  # what a model trained on its own frame answers
+    assert gt_input != pytest.approx(gt_original, abs=1e-3)
+    assert g.norm_original_to_norm_input(gt_original) == pytest.approx(gt_input)
+    assert g.norm_input_to_original(gt_input) == pytest.approx(box)
+    assert tuple(v * s for v, s in zip(gt_original, (w0, h0, w0, h0))) == pytest.approx(box)
+    wrong = g.norm_input_to_original(gt_original)  # original-frame box misread as input-frame
+    assert box_iou(torch.tensor(wrong), torch.tensor(box)) < 0.5  # scored as a miss at Acc@IoU>=0.5
+    _, sq = apply_geometry(Image.new("RGB", (300, 300)), (224, 224), "letterbox")
+    assert sq.norm_original_to_norm_input((0.1, 0.2, 0.3, 0.4)) == pytest.approx((0.1, 0.2, 0.3, 0.4))
