@@ -4,9 +4,12 @@ backend: None/"auto" runs the fused Triton kernels on CUDA tensors and the refer
 plain-PyTorch chunked reference (any device); "triton" the Triton kernels (on CPU only under TRITON_INTERPRET=1);
 "mamba" mamba-ssm's CUDA ``selective_scan_fn`` with separate PyTorch cross-scan and cross-merge.
 The environment variable ``TOOLKIT_FORCE_REF=1`` forces the reference everywhere, whatever ``backend`` says.
+Calls that pass no backend (the models do not) use the process default: ``TOOLKIT_SCAN_BACKEND`` or, scoped,
+``with scan_backend("mamba"): ...``; this is how benchmarks and tests switch a whole model between backends.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -14,12 +17,25 @@ import torch
 from .ss2d_ref import K, cross_merge_ref, cross_scan_ref, selective_scan_chunked, ss2d_scan_ref, to_scan_order
 
 BACKENDS = ("auto", "ref", "triton", "mamba")
+_default = [os.environ.get("TOOLKIT_SCAN_BACKEND", "auto")]
+
+
+@contextlib.contextmanager
+def scan_backend(name: str):
+    """Within the block, scans called without an explicit backend use ``name``."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r}; expected one of {BACKENDS}")
+    _default.append(name)
+    try:
+        yield
+    finally:
+        _default.pop()
 
 
 def _resolve(backend: str | None, x: torch.Tensor) -> str:
     if os.environ.get("TOOLKIT_FORCE_REF", "0") not in ("", "0"):
         return "ref"
-    backend = backend or "auto"
+    backend = backend or _default[-1]
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
     if backend == "auto":

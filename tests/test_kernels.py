@@ -1,0 +1,165 @@
+"""Scan kernels against their references: the chunked CPU scan against the sequential definition, the fused Triton
+kernels against the reference (on the CPU under TRITON_INTERPRET=1, on a GPU at VMamba's stage shapes), the
+dispatcher, and the scan-path maps against a brute-force Jacobian."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernel_cases as kc
+from toolkit_kernels import (selective_scan_chunked, selective_scan_fn, selective_scan_ref, ss2d_scan_attention,
+                             ss2d_scan_fn, ss2d_scan_ref)
+from toolkit_kernels.ss2d_ref import cross_merge_ref, cross_scan_ref, to_grid_order, to_scan_order
+
+HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 1, 1), (1, 3, 17, 4), (2, 4, 64, 16)])
+def test_chunked_scan_matches_sequential_definition(shape):
+    Bb, Dd, L, N = shape
+    ins = kc.scan1d_inputs((Bb, Dd, L, N, 1), torch.float64, "cpu")
+    y_seq = selective_scan_ref(*ins, delta_softplus=True)
+    dy = torch.randn_like(y_seq)
+    g_seq = torch.autograd.grad(y_seq, ins, dy)
+    y = selective_scan_chunked(*ins, delta_softplus=True)
+    g = torch.autograd.grad(y, ins, dy)
+    torch.testing.assert_close(y, y_seq, rtol=1e-10, atol=1e-10)
+    for n, a, b in zip(kc.NAMES, g, g_seq):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"d{n}")
+
+
+def test_chunked_scan_gradcheck():
+    ins = kc.scan1d_inputs((1, 2, 9, 3, 1), torch.float64, "cpu")
+    assert torch.autograd.gradcheck(lambda *t: selective_scan_chunked(*t, delta_softplus=True), ins)
+
+
+def test_cross_scan_and_merge_are_adjoint_permutations():
+    x = torch.randn(2, 3, 4, 5)
+    xs = cross_scan_ref(x)  # (B, 4, D, L)
+    torch.testing.assert_close(xs[:, 0], x.flatten(-2))
+    torch.testing.assert_close(xs[:, 1], x.transpose(-1, -2).flatten(-2))
+    torch.testing.assert_close(xs[:, 2], x.flatten(-2).flip(-1))
+    torch.testing.assert_close(to_grid_order(xs, 4, 5), x.unsqueeze(1).expand(-1, 4, -1, -1, -1))
+    torch.testing.assert_close(cross_merge_ref(xs, 4, 5).view_as(x), 4 * x)
+    t = torch.randn(2, 4, 3, 4, 5)
+    torch.testing.assert_close(to_grid_order(to_scan_order(t), 4, 5), t)
+
+
+def test_long_sequence_is_finite_in_half_precision():
+    ins = kc.ss2d_inputs((1, 4, 64, 64, 1), torch.float16, "cpu")
+    y = ss2d_scan_fn(*ins, backend="ref")
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+def test_dispatch():
+    ins = kc.ss2d_inputs((1, 2, 3, 3, 2), torch.float32, "cpu")
+    torch.testing.assert_close(ss2d_scan_fn(*ins), ss2d_scan_ref(*ins))  # auto -> reference on CPU tensors
+    with pytest.raises(ValueError, match="backend"):
+        ss2d_scan_fn(*ins, backend="cuda-magic")
+    u = kc.scan1d_inputs((1, 2, 5, 2, 1), torch.bfloat16, "cpu")
+    assert selective_scan_fn(*u).dtype == torch.bfloat16  # mamba-ssm returns y in u's dtype
+
+
+def test_force_ref_overrides_backend(monkeypatch):
+    monkeypatch.setenv("TOOLKIT_FORCE_REF", "1")
+    ins = kc.ss2d_inputs((1, 2, 3, 3, 2), torch.float32, "cpu")
+    torch.testing.assert_close(ss2d_scan_fn(*ins, backend="mamba"), ss2d_scan_ref(*ins))
+
+
+def test_mamba_backend_without_extension_says_how_to_build(monkeypatch):
+    try:
+        import selective_scan_cuda  # noqa: F401
+        pytest.skip("mamba-ssm's CUDA extension is installed")
+    except ImportError:
+        pass
+    ins = kc.ss2d_inputs((1, 2, 3, 3, 2), torch.float32, "cpu")
+    with pytest.raises(ImportError, match="mamba-ssm"):
+        ss2d_scan_fn(*ins, backend="mamba")
+
+
+# --- the fused Triton kernels -------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _interpreted_grid(dtype_name: str) -> dict:
+    """All CPU cases of one dtype, run once in a subprocess under TRITON_INTERPRET=1."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    here = Path(__file__).parent
+    proc = subprocess.run([sys.executable, str(here / "kernel_cases.py"), dtype_name, "cpu"], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=here)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {(r["kind"], tuple(r["shape"])): r for r in recs}
+
+
+def _check(rec: dict):
+    assert rec["finite"], rec
+    bad = {k: v for k, v in rec["excess"].items() if v > 0}
+    assert not bad, f"outside tolerance by {bad}; relative errors {rec['rel']}"
+
+
+CPU_CASES = [("ss2d", s) for s in kc.SS2D_CPU] + [("1d", s) for s in kc.SCAN1D_CPU]
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype_name", list(kc.DTYPES))
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}")
+def test_triton_matches_reference_interpreted(case, dtype_name):
+    _check(_interpreted_grid(dtype_name)[case])
+
+
+@pytest.mark.cuda
+@pytest.mark.triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype_name", list(kc.DTYPES))
+@pytest.mark.parametrize("case", [("ss2d", s) for s in kc.SS2D_GPU] + [("1d", s) for s in kc.SCAN1D_GPU],
+                         ids=lambda c: f"{c[0]}-{'x'.join(map(str, c[1]))}")
+def test_triton_matches_reference_on_gpu(case, dtype_name):
+    _check(kc.compare(case[0], case[1], kc.DTYPES[dtype_name], "cuda"))
+
+
+# --- scan-path maps -----------------------------------------------------------------------------------------------
+
+def _brute_force_maps(ins, H, W):
+    """Per-channel L x L maps from the scan itself: y_d = M_d x_d (D skip off), direction by direction."""
+    x, delta, A, B, C, _, bias = [t.detach().double() for t in ins]
+    Bb, Dd = x.shape[:2]
+    L = H * W
+    per = []
+    for k in range(4):
+        keep = torch.zeros(4, 1, 1, 1)
+        keep[k] = 1.0  # a direction whose B is zero contributes nothing: isolates direction k
+        f = lambda xx: ss2d_scan_ref(xx, delta, A, B * keep, C, None, bias)  # noqa: E731
+        J = torch.autograd.functional.jacobian(f, x)  # (B, D, H, W, B, D, H, W)
+        J = J.reshape(Bb, Dd, L, Bb, Dd, L)
+        per.append(torch.stack([torch.stack([J[b, d, :, b, d, :] for d in range(Dd)]) for b in range(Bb)]))
+    return torch.stack(per, dim=1)  # (B, K, D, L, L)
+
+
+def test_scan_attention_matches_brute_force():
+    H, W = 3, 4
+    ins = kc.ss2d_inputs((1, 3, H, W, 2), torch.float64, "cpu")
+    per, merged = ss2d_scan_attention(*[t.detach() for t in ins[1:5]], delta_bias=ins[6].detach(),
+                                      channel_reduce="none")
+    brute = _brute_force_maps(ins, H, W).float()
+    torch.testing.assert_close(per, brute, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(merged, brute.sum(1), rtol=1e-4, atol=1e-6)
+    row, row_merged = ss2d_scan_attention(*[t.detach() for t in ins[1:5]], delta_bias=ins[6].detach(),
+                                          query=(1, 2))
+    torch.testing.assert_close(row, brute.mean(2)[:, :, 1 * W + 2].view(1, 4, H, W), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(row_merged, row.sum(1))
+
+
+def test_scan_attention_rejects_bad_queries():
+    ins = kc.ss2d_inputs((1, 2, 3, 3, 1), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="outside"):
+        ss2d_scan_attention(*[t.detach() for t in ins[1:5]], query=(5, 0))
+    with pytest.raises(ValueError, match="channel_reduce"):
+        ss2d_scan_attention(*[t.detach() for t in ins[1:5]], channel_reduce="max")
