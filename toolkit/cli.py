@@ -7,14 +7,14 @@ import sys
 
 
 def _cmd_demo(a: argparse.Namespace) -> None:
-    from toolkit.config import preset
+    from toolkit.config import apply_overrides, preset
     from toolkit.pipeline import run_experiment
     from toolkit.report import print_summary, results_frame
 
     overrides = {"name": a.name} if a.name else {}
     if a.backbones:
         overrides["backbones"] = tuple(a.backbones.split(","))
-    cfg = preset(a.preset, **overrides)
+    cfg = apply_overrides(preset(a.preset, **overrides), a.set)
     res = run_experiment(cfg, a.runs, a.cache, make_figures=not a.no_figures)
     print_summary(results_frame(res["rows"]))
     print(f"\nReport: {res['run_dir']}/results.md   CSV: {res['run_dir']}/results.csv   "
@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--runs", default="runs")
     d.add_argument("--cache", default="data_cache")
     d.add_argument("--no-figures", action="store_true")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set pretrain.epochs=4 --set train.stages.0.steps=1200")
     d.set_defaults(fn=_cmd_demo)
     b = sub.add_parser("backbones", help="list registered backbones")
     b.add_argument("pattern", nargs="?", default="*")

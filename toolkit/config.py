@@ -105,6 +105,36 @@ def _preset_gpu() -> ExperimentConfig:
 PRESETS = {"embedded": ExperimentConfig, "smoke": _preset_smoke, "gpu": _preset_gpu}
 
 
+def _set(obj: Any, path: list[str], value: Any) -> Any:
+    """A copy of ``obj`` (dataclass, tuple or dict) with ``path`` set to ``value``."""
+    head, rest = path[0], path[1:]
+    if isinstance(obj, tuple):
+        i = int(head)
+        return obj[:i] + (_set(obj[i], rest, value) if rest else value,) + obj[i + 1:]
+    if isinstance(obj, dict):
+        return {**obj, head: _set(obj[head], rest, value) if rest else value}
+    if not dataclasses.is_dataclass(obj) or head not in {f.name for f in dataclasses.fields(obj)}:
+        raise KeyError(f"`{head}` is not a field of {type(obj).__name__}")
+    return replace(obj, **{head: _set(getattr(obj, head), rest, value) if rest else value})
+
+
+def apply_overrides(cfg: ExperimentConfig, assignments: list[str]) -> ExperimentConfig:
+    """Dotted ``key=value`` overrides, values parsed as JSON where they parse (``pretrain.epochs=4``,
+    ``train.stages.0.steps=1200``, ``world.n_train=5000``, ``lm.num_layers=4``)."""
+    for a in assignments:
+        key, sep, raw = a.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override `{a}` is not key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(value, list):
+            value = tuple(value)
+        cfg = _set(cfg, key.split("."), value)
+    return cfg
+
+
 def preset(preset_name: str, **overrides: Any) -> ExperimentConfig:
     """A named preset with top-level field ``overrides`` (e.g. ``backbones=("vit-test",)``)."""
     if preset_name not in PRESETS:
