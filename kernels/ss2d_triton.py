@@ -198,13 +198,15 @@ BLOCK_OVERRIDE: tuple[int, int, int] | None = None
 
 
 def _blocks(Dg: int, N: int, L: int) -> tuple[int, int, int, int]:
-    """Tile sizes and warps: about 4096 fp32 elements per (BLOCK_D, BLOCK_N, BLOCK_L) tensor keeps the scan in
-    registers."""
+    """(BLOCK_D, BLOCK_N, BLOCK_L, num_warps): few channels and long tiles, about 2048 fp32 elements per
+    (BLOCK_D, BLOCK_N, BLOCK_L) tensor. On an H100 at VMamba-T stage 1 (bf16, batch 64), (8, 1, 256, 4) ran the
+    forward in 1.1 ms and the backward in 4.4 ms, against 2.5 and 15.1 ms for (32, 1, 128, 4): more programs in
+    flight, fewer sequential tiles each."""
     bn = triton.next_power_of_2(max(N, 1))
     if BLOCK_OVERRIDE is not None:
         return BLOCK_OVERRIDE[0], bn, BLOCK_OVERRIDE[1], BLOCK_OVERRIDE[2]
-    bl = min(128 if bn <= 2 else 64 if bn <= 4 else 32, triton.next_power_of_2(max(L, 2)))
-    bd = max(1, min(triton.next_power_of_2(Dg), 4096 // (bn * bl)))
+    bl = min(256 if bn <= 2 else 128 if bn <= 4 else 64 if bn <= 8 else 32, triton.next_power_of_2(max(L, 2)))
+    bd = max(1, min(triton.next_power_of_2(Dg), 2048 // (bn * bl)))
     return bd, bn, bl, 4
 
 
