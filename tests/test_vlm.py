@@ -127,3 +127,19 @@ def test_training_resumes_to_the_same_weights(tokenizer, tmp_path, monkeypatch):
     assert not (tmp_path / "resumed" / "train_state.pt").exists()
     for (k, a), b in zip(ref.trainable_state_dict().items(), resumed.trainable_state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
+
+
+def test_image_position_code_is_saved_and_checked(tokenizer, tmp_path):
+    from toolkit.connector import sincos_2d
+
+    code = sincos_2d(3, 4, 16)
+    assert code.shape == (12, 16) and len({tuple(r) for r in code.tolist()}) == 12  # every cell distinct
+    vlm = _vlm(tokenizer, "vit-test", image_pos="sincos2d")
+    assert "connector.pos_scale" in vlm.trainable_state_dict()
+    vlm.save(tmp_path / "v")
+    again = VLM.load(tmp_path / "v")
+    tokens = torch.randn(1, vlm.connector.pos_code.shape[0], vlm.backbone.embed_dim)
+    torch.testing.assert_close(again.connector(tokens), vlm.connector(tokens))
+    with pytest.raises(ValueError, match="grid"):
+        vlm.connector(tokens[:, :-1])
+

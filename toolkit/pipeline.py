@@ -98,7 +98,7 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         out = run_dir / "vlms" / name
         if (out / "config.json").is_file():
             continue
-        vcfg = VLMConfig(backbone=name, connector=cfg.connector, lm=lm_cfg,
+        vcfg = VLMConfig(backbone=name, connector=cfg.connector, lm=lm_cfg, image_pos=cfg.image_pos,
                          backbone_weights=str(run_dir / "backbones" / f"{name}.safetensors"))
         vlm = VLM.build(vcfg).to(device)
         feats = encode_all(vlm, train_images, desc=f"encode {name}")

@@ -15,6 +15,7 @@ def summary_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Pivoted views: grounding Acc@0.5 and invalid rate per style, VQA accuracy per type, pretraining top-1."""
     out = {}
     for title, task, metric in (("Grounding Acc@IoU>=0.5", "grounding", "acc@0.5"),
+                                ("Grounding mean IoU", "grounding", "mean_iou"),
                                 ("Grounding invalid-answer rate", "grounding", "invalid_rate"),
                                 ("VQA exact-match accuracy", "vqa", "accuracy"),
                                 ("Backbone pretraining top-1 (classification set)", "pretrain", "top1")):

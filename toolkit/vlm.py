@@ -35,6 +35,7 @@ class VLMConfig:
     box_frame: str = "input"
     backbone_overrides: dict = field(default_factory=dict)
     backbone_weights: str | None = None  # path of the backbone's pretrained file
+    image_pos: str = "none"  # "sincos2d": a 2-D position code on the projected tokens (see MLPConnector)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,7 +76,8 @@ class VLM(nn.Module):
         self.backbone = backbone.eval().requires_grad_(False)
         self.lm = lm
         self.tokenizer = tokenizer
-        self.connector = MLPConnector(cfg.connector, backbone.embed_dim, lm_hidden_size(lm))
+        self.connector = MLPConnector(cfg.connector, backbone.embed_dim, lm_hidden_size(lm), cfg.image_pos,
+                                      tuple(backbone.grid()))
         self.template = TEMPLATES[cfg.lm.template]
         self.resize = cfg.image_resize_strategy or backbone.data_config.resize
 
