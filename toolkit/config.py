@@ -64,8 +64,7 @@ class ExperimentConfig:
     # toolkit.connector.MLPConnector); "none" is the study's connector, for paper-scale LMs.
     image_pos: str = "sincos2d"
     lm: LMConfig = LMConfig()
-    # SceneWorldConfig overrides; 3000 classification images keep the embedded VMamba's pretraining near 3 CPU-minutes
-    world: dict = field(default_factory=lambda: {"n_cls_train": 3000})
+    world: dict = field(default_factory=dict)  # SceneWorldConfig overrides
     pretrain: PretrainConfig = PretrainConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
