@@ -83,3 +83,11 @@ def test_short_training_beats_chance_on_grounding(tmp_path):
     print(f"grounding mean IoU {model:.3f}, constant-box chance {chance:.3f}")
     assert pooled("vit-test", "invalid_rate") < 0.1
     assert model > chance + 0.015, f"mean IoU {model:.3f} vs constant-box chance {chance:.3f}"
+
+
+@pytest.mark.slow
+def test_changed_config_never_reuses_a_run(smoke_run):
+    cfg, root, res, _ = smoke_run
+    changed = apply_overrides(cfg, ["pretrain.lr=0.1"])
+    with pytest.raises(ValueError, match="different config .*pretrain"):
+        run_experiment(changed, root / "runs", root / "cache", make_figures=False)

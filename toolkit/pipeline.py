@@ -29,6 +29,17 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _check_same_config(path: Path, cfg: ExperimentConfig) -> None:
+    """Resuming reuses every checkpoint in the run directory, so it must be the same experiment."""
+    if not path.is_file():
+        return
+    old, new = json.loads(path.read_text()), json.loads(json.dumps(cfg.to_dict()))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if changed:
+        raise ValueError(f"{path.parent} holds a run with a different config (fields: {', '.join(changed)}); its "
+                         f"checkpoints would be reused. Pick another --name, or delete that directory to start over.")
+
+
 def world_data(cfg: ExperimentConfig, cache_root: Path):
     """Generate (or reuse) the scene world and read it back through the real-format loaders."""
     from toolkit.data import SceneWorldConfig, build_world
@@ -59,6 +70,7 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     t_start = time.time()
     run_dir = Path(runs_root) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_config(run_dir / "config.json", cfg)
     cfg.save(run_dir / "config.json")
     device = pick_device(cfg.device)
     seed_everything(cfg.train.seed)
