@@ -137,7 +137,7 @@ def bench_encoder(dtype, backends, batch=64) -> list[dict]:
     return rows
 
 
-def bench_cpu(steps: int = 5) -> list[dict]:
+def bench_cpu(steps: int = 10) -> list[dict]:
     """Training step time (fwd + bwd + AdamW) of the embedded VMamba and of a ViT with the same width and depth."""
     from toolkit import create_backbone
     rows = []
