@@ -47,19 +47,17 @@ def _dt(raw, bias, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, hs_ptr,
-                G, Dg, N, L, H, W, su_b, su_g, n_tiles,
-                SS2D: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+def _program_channels(A_ptr, D_ptr, bias_ptr, G, Dg, N, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's batch b, group g, channel block (ch indexes A, D, delta_bias and delta) and its parameters."""
     pid_bg = tl.program_id(0)
-    pid_d = tl.program_id(1)
     b = pid_bg // G
     g = pid_bg % G
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     mask_d = offs_d < Dg
     mask_n = offs_n < N
-    ch = g * Dg + offs_d  # channel index into A, D, delta_bias and delta
+    ch = g * Dg + offs_d
     mask_dn = mask_d[:, None] & mask_n[None, :]
     A = tl.load(A_ptr + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
     bias = tl.zeros([BLOCK_D], tl.float32)
@@ -68,6 +66,17 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, hs_p
     Dv = tl.zeros([BLOCK_D], tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + ch, mask=mask_d, other=0.0).to(tl.float32)
+    return b, g, offs_d, offs_n, mask_d, mask_n, ch, mask_dn, A, bias, Dv
+
+
+@triton.jit
+def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, hs_ptr,
+                G, Dg, N, L, H, W, su_b, su_g, n_tiles,
+                SS2D: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    b, g, offs_d, offs_n, mask_d, mask_n, ch, mask_dn, A, bias, Dv = _program_channels(
+        A_ptr, D_ptr, bias_ptr, G, Dg, N, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
+    pid_bg = tl.program_id(0)
 
     u_base = u_ptr + b * su_b + g * su_g + offs_d[:, None] * L
     y_base = y_ptr + b * su_b + g * su_g + offs_d[:, None] * L
@@ -108,23 +117,9 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, hs_
                 G, Dg, N, L, H, W, su_b, su_g, n_tiles,
                 SS2D: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
+    b, g, offs_d, offs_n, mask_d, mask_n, ch, mask_dn, A, bias, Dv = _program_channels(
+        A_ptr, D_ptr, bias_ptr, G, Dg, N, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
     pid_bg = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    b = pid_bg // G
-    g = pid_bg % G
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_d = offs_d < Dg
-    mask_n = offs_n < N
-    ch = g * Dg + offs_d
-    mask_dn = mask_d[:, None] & mask_n[None, :]
-    A = tl.load(A_ptr + ch[:, None] * N + offs_n[None, :], mask=mask_dn, other=0.0).to(tl.float32)
-    bias = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + ch, mask=mask_d, other=0.0).to(tl.float32)
-    Dv = tl.zeros([BLOCK_D], tl.float32)
-    if HAS_D:
-        Dv = tl.load(D_ptr + ch, mask=mask_d, other=0.0).to(tl.float32)
 
     u_off = b * su_b + g * su_g + offs_d[:, None] * L
     dt_off = (b * G * Dg + ch[:, None]) * L
