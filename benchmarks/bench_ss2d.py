@@ -177,7 +177,6 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     out: dict = {"torch": torch.__version__}
     if not torch.cuda.is_available():
-        torch.set_num_threads(torch.get_num_threads())
         out["device"] = "cpu"
         out["cpu_train"] = bench_cpu()
         print("CPU (no CUDA device): embedded VMamba vs ViT, training step at batch 32, 128 px")

@@ -76,13 +76,12 @@ def _fwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, hs_p
                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
     b, g, offs_d, offs_n, mask_d, mask_n, ch, mask_dn, A, bias, Dv = _program_channels(
         A_ptr, D_ptr, bias_ptr, G, Dg, N, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
-    pid_bg = tl.program_id(0)
 
     u_base = u_ptr + b * su_b + g * su_g + offs_d[:, None] * L
     y_base = y_ptr + b * su_b + g * su_g + offs_d[:, None] * L
     dt_base = dt_ptr + (b * G * Dg + ch[:, None]) * L
     bc_off = (b * G + g) * N * L + offs_n[:, None] * L
-    hs_base = hs_ptr + pid_bg * n_tiles * Dg * BLOCK_N + offs_d[:, None] * BLOCK_N + offs_n[None, :]
+    hs_base = hs_ptr + (b * G + g) * n_tiles * Dg * BLOCK_N + offs_d[:, None] * BLOCK_N + offs_n[None, :]
 
     h = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)
     for t in range(n_tiles):
@@ -119,12 +118,11 @@ def _bwd_kernel(u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, hs_
                 BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr):
     b, g, offs_d, offs_n, mask_d, mask_n, ch, mask_dn, A, bias, Dv = _program_channels(
         A_ptr, D_ptr, bias_ptr, G, Dg, N, HAS_D, HAS_BIAS, BLOCK_D, BLOCK_N)
-    pid_bg = tl.program_id(0)
 
     u_off = b * su_b + g * su_g + offs_d[:, None] * L
     dt_off = (b * G * Dg + ch[:, None]) * L
     bc_off = (b * G + g) * N * L + offs_n[:, None] * L
-    hs_base = hs_ptr + pid_bg * n_tiles * Dg * BLOCK_N + offs_d[:, None] * BLOCK_N + offs_n[None, :]
+    hs_base = hs_ptr + (b * G + g) * n_tiles * Dg * BLOCK_N + offs_d[:, None] * BLOCK_N + offs_n[None, :]
     lane = tl.arange(0, BLOCK_L)
 
     g_next = tl.zeros([BLOCK_D, BLOCK_N], tl.float32)  # adjoint state at the first position of the later tile

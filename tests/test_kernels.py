@@ -4,6 +4,7 @@ dispatcher, and the scan-path maps against a brute-force Jacobian."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ from toolkit_kernels import (selective_scan_chunked, selective_scan_fn, selectiv
                              ss2d_scan_fn, ss2d_scan_ref)
 from toolkit_kernels.ss2d_ref import cross_merge_ref, cross_scan_ref, to_grid_order, to_scan_order
 
-HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 1, 1), (1, 3, 17, 4), (2, 4, 64, 16)])
