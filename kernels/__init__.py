@@ -5,9 +5,9 @@ Triton is imported only when a Triton backend runs, so CPU-only installs work wi
 """
 from .scan_paths import MAX_FULL_LEN, ss2d_scan_attention
 from .ss2d import BACKENDS, scan_backend, selective_scan_fn, ss2d_scan_fn
-from .ss2d_ref import (cross_merge_ref, cross_scan_ref, selective_scan_chunked, selective_scan_ref, ss2d_scan_ref,
+from .ss2d_ref import (cross_merge_ref, cross_scan_ref, selective_scan_ref, selective_scan_torch, ss2d_scan_ref,
                        to_grid_order, to_scan_order)
 
-__all__ = ["BACKENDS", "MAX_FULL_LEN", "cross_merge_ref", "cross_scan_ref", "scan_backend", "selective_scan_chunked",
+__all__ = ["BACKENDS", "MAX_FULL_LEN", "cross_merge_ref", "cross_scan_ref", "scan_backend", "selective_scan_torch",
            "selective_scan_fn", "selective_scan_ref", "ss2d_scan_attention", "ss2d_scan_fn", "ss2d_scan_ref",
            "to_grid_order", "to_scan_order"]

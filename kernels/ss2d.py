@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from .ss2d_ref import K, cross_merge_ref, cross_scan_ref, selective_scan_chunked, ss2d_scan_ref, to_scan_order
+from .ss2d_ref import K, cross_merge_ref, cross_scan_ref, selective_scan_torch, ss2d_scan_ref, to_scan_order
 
 BACKENDS = ("auto", "ref", "triton", "mamba")
 _default = [os.environ.get("TOOLKIT_SCAN_BACKEND", "auto")]
@@ -63,7 +63,7 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     """
     backend = _resolve(backend, u)
     if backend == "ref":
-        y = selective_scan_chunked(u, delta, A, B, C, D, delta_bias, delta_softplus)
+        y = selective_scan_torch(u, delta, A, B, C, D, delta_bias, delta_softplus)
     elif backend == "triton":
         from .ss2d_triton import selective_scan_triton
         y = selective_scan_triton(u, delta, A, B, C, D, delta_bias, delta_softplus)

@@ -2,8 +2,8 @@
 
 Two paths compute the same function:
 - ``selective_scan_ref``: a sequential loop over positions, the definition of correct (slow, kept short).
-- ``selective_scan_chunked``: a two-level chunked scan with a hand-written backward, fast enough to train a small
-  VMamba on a CPU. It is also what ``backend="ref"`` runs, on any device.
+- ``selective_scan_torch`` / ``ss2d_scan_ref``: vectorised over batch, channels and state, position-major, with a
+  hand-written backward, fast enough to train a small VMamba on a CPU. It is what ``backend="ref"`` runs.
 
 SS2D cross-scan order (VMamba ``scans=0``): direction 0 reads the grid row-major, 1 column-major, 2 and 3 are 0 and
 1 reversed. Cross-merge maps each direction's outputs back onto the grid and sums them.
@@ -103,18 +103,19 @@ def _chunk_len(L: int) -> int:
     return max(1, math.isqrt(L - 1) + 1) if L > 1 else 1
 
 
-def _linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """h_l = a_l h_{l-1} + b_l along the last dim (h_{-1} = 0), a in [0, 1]; a, b: (M, L) fp32 -> h (M, L).
+def _recurrence_chunked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``h_l = a_l h_{l-1} + b_l`` over dim 0 of (L, M) tensors in two levels, for GPUs (few, wide launches).
 
-    Two levels: every chunk of T steps is scanned from a zero state (all chunks at once, T vector steps), then the
-    chunk-end states are carried across chunks (L/T small steps) and added back through the cumulative decay.
-    Only products of decays <= 1 appear, so nothing overflows, unlike exp(cumsum) differences over long sequences.
+    Every chunk of T steps is scanned from a zero state (all chunks at once, T vector steps), then the chunk-end
+    states are carried across chunks (L/T small steps) and added back through the cumulative decay. Only products
+    of decays <= 1 appear, so nothing overflows, unlike exp(cumsum) differences over long sequences.
     """
-    M, L = a.shape
+    L, M = a.shape
     T = _chunk_len(L)
     nc = -(-L // T)
-    a = F.pad(a, (0, nc * T - L), value=1.0).view(M, nc, T).permute(2, 0, 1).contiguous()  # (T, M, nc)
-    h = F.pad(b, (0, nc * T - L)).view(M, nc, T).permute(2, 0, 1).contiguous()  # local states, filled in place
+    pad = (0, 0, 0, nc * T - L)
+    a = F.pad(a, pad, value=1.0).view(nc, T, M).permute(1, 2, 0).contiguous()  # (T, M, nc)
+    h = F.pad(b, pad).view(nc, T, M).permute(1, 2, 0).contiguous()  # local states, filled in place
     for t in range(1, T):
         h[t].addcmul_(a[t], h[t - 1])
     decay = torch.cumprod(a, dim=0)  # (T, M, nc): decay from each chunk's start to step t
@@ -122,37 +123,109 @@ def _linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for c in range(1, nc):
         carry[:, c] = torch.addcmul(h[-1, :, c - 1], decay[-1, :, c - 1], carry[:, c - 1])
     h.addcmul_(decay, carry)
-    return h.permute(1, 2, 0).reshape(M, nc * T)[:, :L]
+    return h.permute(2, 0, 1).reshape(nc * T, M)[:L]
 
 
-class _LinearScan(torch.autograd.Function):
-    """Autograd for ``_linear_scan``: the adjoint is the same scan run backwards, g_l = dh_l + a_{l+1} g_{l+1}."""
+def _recurrence(a: torch.Tensor, b: torch.Tensor, adjoint: bool = False, chunked: bool | None = None) -> torch.Tensor:
+    """The linear recurrence at the heart of the scan, over dim 0 of (L, M) fp32/fp64 tensors, a in [0, 1].
+
+    Forward: ``h_l = a_l h_{l-1} + b_l`` (h_{-1} = 0). ``adjoint``: ``h_l = a_{l+1} h_{l+1} + b_l`` (h_L = 0), the
+    same recurrence run backwards, which is the gradient of the forward one.
+    On the CPU each step is one fused multiply-add over a contiguous M-wide slice: at VMamba's shapes that beat the
+    two-level chunked scan 3.5x (20 vs 69 ms at L=1024, M=4096, 2 cores), whose layout changes cost more than its
+    fewer steps save. On a GPU (``chunked`` None follows the device) the chunked form keeps kernel launches to
+    about 2*sqrt(L).
+    """
+    if a.is_cuda if chunked is None else chunked:
+        if not adjoint:
+            return _recurrence_chunked(a, b)
+        a_next = F.pad(a[1:], (0, 0, 0, 1))  # decay applied when leaving step l
+        return _recurrence_chunked(a_next.flip(0), b.flip(0)).flip(0)
+    h = b.clone()
+    if adjoint:
+        for t in range(h.shape[0] - 2, -1, -1):
+            h[t].addcmul_(a[t + 1], h[t + 1])
+    else:
+        for t in range(1, h.shape[0]):
+            h[t].addcmul_(a[t], h[t - 1])
+    return h
+
+
+class _Recurrence(torch.autograd.Function):
+    """Autograd for ``_recurrence``: dL/db = the adjoint recurrence of dL/dh, dL/da_l = that times h_{l-1}."""
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        h = _linear_scan(a, b)
+        h = _recurrence(a, b)
         ctx.save_for_backward(a, h)
         return h
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
         a, h = ctx.saved_tensors
-        a_next = F.pad(a[:, 1:], (0, 1))  # (M, L): decay applied when leaving step l
-        g = _linear_scan(a_next.flip(-1), dh.flip(-1)).flip(-1)  # dL/dh_l, all paths
-        h_prev = F.pad(h[:, :-1], (1, 0))
-        return g * h_prev, g
+        g = _recurrence(a, dh.contiguous(), adjoint=True)
+        da = torch.empty_like(g)
+        da[0] = 0
+        torch.mul(g[1:], h[:-1], out=da[1:])
+        return da, g
 
 
-def selective_scan_chunked(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                           D: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
-                           delta_softplus: bool = False) -> torch.Tensor:
-    """Same function and shapes as ``selective_scan_ref``, vectorised: a two-level chunked scan (about 2*sqrt(L)
-    Python steps over (B*D*N)-wide tensors instead of L) with the reverse scan as its backward."""
-    dA, dBu = _discretise(u, delta, A, B, delta_bias, delta_softplus)
-    Bb, Dd, N, L = dBu.shape
-    h = _LinearScan.apply(dA.exp().reshape(-1, L), dBu.reshape(-1, L)).view(Bb, Dd, N, L)
-    y = (h * _expand_groups(C.to(h.dtype), Dd)).sum(2)  # (B, D, L)
-    return y if D is None else y + u.to(y.dtype) * D.to(y.dtype)[:, None]
+def _scan_lfirst(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                 delta_bias: torch.Tensor | None, delta_softplus: bool) -> torch.Tensor:
+    """The selective scan without its skip term, position-major so every step reads contiguous memory.
+
+    u, delta: (L, B, D) contiguous, in the accumulation dtype; A: (D, N); B, C: (L, B, G, N), group g serving
+    channels g*D/G..(g+1)*D/G-1. Returns y (L, B, D).
+    """
+    L, Bb, Dd = u.shape
+    G, N = B.shape[-2:]
+    if Dd % G:
+        raise ValueError(f"{Dd} channels do not split into {G} groups of B/C")
+    dt = delta if delta_bias is None else delta + delta_bias.to(delta.dtype)
+    if delta_softplus:
+        dt = F.softplus(dt)
+    dt = dt.reshape(L, Bb, G, Dd // G, 1)
+    a = torch.exp(dt * A.to(dt.dtype).reshape(G, Dd // G, N))  # (L, B, G, D/G, N)
+    b = (dt * u.reshape(L, Bb, G, Dd // G, 1)) * B.to(dt.dtype).reshape(L, Bb, G, 1, N)
+    h = _Recurrence.apply(a.reshape(L, -1), b.reshape(L, -1)).view(L, Bb, G, Dd // G, N)
+    return (h * C.to(h.dtype).reshape(L, Bb, G, 1, N)).sum(-1).view(L, Bb, Dd)
+
+
+def selective_scan_torch(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                         D: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
+                         delta_softplus: bool = False) -> torch.Tensor:
+    """Same function and shapes as ``selective_scan_ref``, vectorised over batch, channels and state, with the
+    adjoint recurrence as its backward. What ``backend="ref"`` runs, on any device."""
+    acc = _acc(u)
+    BC = (B, C) if B.dim() == 4 else (B.unsqueeze(1), C.unsqueeze(1))  # (B, G, N, L)
+    lfirst = lambda t: t.to(acc).permute(-1, *range(t.dim() - 1)).contiguous()  # noqa: E731  (..., L) -> (L, ...)
+    y = _scan_lfirst(lfirst(u), lfirst(delta), A.to(acc), lfirst(BC[0]), lfirst(BC[1]), delta_bias, delta_softplus)
+    y = y.permute(1, 2, 0)  # (B, D, L)
+    return (y if D is None else y + u.to(acc) * D.to(acc)[:, None]).contiguous()
+
+
+def to_scan_order_lfirst(t: torch.Tensor) -> torch.Tensor:
+    """``to_scan_order`` laid out position-major: t (B, K, C, H, W), or (B, C, H, W) read by every direction,
+    -> (L, B, K, C). ``unbind`` rather than indexing: its backward is one ``stack``, not K zero-filled copies."""
+    H, W = t.shape[-2:]
+    rows = lambda s: s.permute(2, 3, 0, 1).flatten(0, 1)  # noqa: E731  (B, C, H, W) -> (L, B, C), row-major
+    cols = lambda s: s.permute(3, 2, 0, 1).flatten(0, 1)  # noqa: E731  column-major
+    if t.dim() == 4:
+        r, c = rows(t), cols(t)
+        parts = (r, c, r, c)
+    else:
+        t0, t1, t2, t3 = t.unbind(1)
+        parts = (rows(t0), cols(t1), rows(t2), cols(t3))
+    return torch.stack([parts[0], parts[1], parts[2].flip(0), parts[3].flip(0)], dim=2)
+
+
+def to_grid_merged_lfirst(ys: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Cross-merge of position-major outputs: ys (L, B, K, C) -> the directions' sum on the grid (B, C, H, W)."""
+    _, Bb, _, C = ys.shape
+    y0, y1, y2, y3 = ys.unbind(2)
+    by_rows = (y0 + y2.flip(0)).view(H, W, Bb, C)  # directions 0 and 2 both end up in row-major order
+    by_cols = (y1 + y3.flip(0)).view(W, H, Bb, C).transpose(0, 1)
+    return (by_rows + by_cols).permute(2, 3, 0, 1).contiguous()
 
 
 def ss2d_scan_ref(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -165,7 +238,11 @@ def ss2d_scan_ref(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torc
     read in direction k's order. Returns y (B, D, H, W) in fp32 (fp64 for fp64 inputs).
     """
     Bb, Dd, H, W = x.shape
-    L = H * W
-    y = selective_scan_chunked(cross_scan_ref(x).reshape(Bb, K * Dd, L), to_scan_order(delta).reshape(Bb, K * Dd, L),
-                               A, to_scan_order(B), to_scan_order(C), D, delta_bias, delta_softplus)
-    return cross_merge_ref(y.view(Bb, K, Dd, L), H, W).view(Bb, Dd, H, W)
+    L, acc = H * W, _acc(x)
+    xs = to_scan_order_lfirst(x.to(acc)).view(L, Bb, K * Dd)
+    ds = to_scan_order_lfirst(delta.to(acc)).view(L, Bb, K * Dd)
+    ys = _scan_lfirst(xs, ds, A.to(acc), to_scan_order_lfirst(B.to(acc)), to_scan_order_lfirst(C.to(acc)),
+                      delta_bias, delta_softplus)
+    y = to_grid_merged_lfirst(ys.view(L, Bb, K, Dd), H, W)
+    # The skip term D_k * x is the same grid map in every direction, so it merges before the scan order is left.
+    return y if D is None else y + x.to(acc) * D.to(acc).view(K, Dd).sum(0)[:, None, None]

@@ -50,14 +50,14 @@ def scan1d_inputs(shape, dtype, device, seed=0):
 
 def compare(kind: str, shape, dtype: torch.dtype, device: str) -> dict:
     """Max |kernel - reference| - (atol + rtol |reference|) per output and gradient (<= 0 passes), and rel. errors."""
-    from toolkit_kernels.ss2d_ref import selective_scan_chunked, ss2d_scan_ref
+    from toolkit_kernels.ss2d_ref import selective_scan_torch, ss2d_scan_ref
     from toolkit_kernels.ss2d_triton import selective_scan_triton, ss2d_scan_triton
     if kind == "ss2d":
         ins = ss2d_inputs(shape, dtype, device)
         ref, ker, kw = ss2d_scan_ref, ss2d_scan_triton, {"delta_softplus": True}
     else:
         ins = scan1d_inputs(shape, dtype, device)
-        ref, ker, kw = selective_scan_chunked, selective_scan_triton, {"delta_softplus": True}
+        ref, ker, kw = selective_scan_torch, selective_scan_triton, {"delta_softplus": True}
     y_ref = ref(*ins, **kw)
     dy = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(1)).to(device)
     g_ref = torch.autograd.grad(y_ref, ins, dy)

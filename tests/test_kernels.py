@@ -1,4 +1,4 @@
-"""Scan kernels against their references: the chunked CPU scan against the sequential definition, the fused Triton
+"""Scan kernels against their references: the vectorised CPU scan against the sequential definition, the fused Triton
 kernels against the reference (on the CPU under TRITON_INTERPRET=1, on a GPU at VMamba's stage shapes), the
 dispatcher, and the scan-path maps against a brute-force Jacobian."""
 from __future__ import annotations
@@ -15,30 +15,70 @@ import pytest
 import torch
 
 import kernel_cases as kc
-from toolkit_kernels import (selective_scan_chunked, selective_scan_fn, selective_scan_ref, ss2d_scan_attention,
+from toolkit_kernels import (selective_scan_torch, selective_scan_fn, selective_scan_ref, ss2d_scan_attention,
                              ss2d_scan_fn, ss2d_scan_ref)
-from toolkit_kernels.ss2d_ref import cross_merge_ref, cross_scan_ref, to_grid_order, to_scan_order
+from toolkit_kernels.ss2d_ref import (_recurrence, cross_merge_ref, cross_scan_ref, to_grid_order, to_scan_order,
+                                      to_scan_order_lfirst)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 1, 1), (1, 3, 17, 4), (2, 4, 64, 16)])
-def test_chunked_scan_matches_sequential_definition(shape):
+def test_vectorised_scan_matches_sequential_definition(shape):
     Bb, Dd, L, N = shape
     ins = kc.scan1d_inputs((Bb, Dd, L, N, 1), torch.float64, "cpu")
     y_seq = selective_scan_ref(*ins, delta_softplus=True)
     dy = torch.randn_like(y_seq)
     g_seq = torch.autograd.grad(y_seq, ins, dy)
-    y = selective_scan_chunked(*ins, delta_softplus=True)
+    y = selective_scan_torch(*ins, delta_softplus=True)
     g = torch.autograd.grad(y, ins, dy)
     torch.testing.assert_close(y, y_seq, rtol=1e-10, atol=1e-10)
     for n, a, b in zip(kc.NAMES, g, g_seq):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"d{n}")
 
 
-def test_chunked_scan_gradcheck():
+def test_vectorised_scan_gradcheck():
     ins = kc.scan1d_inputs((1, 2, 9, 3, 1), torch.float64, "cpu")
-    assert torch.autograd.gradcheck(lambda *t: selective_scan_chunked(*t, delta_softplus=True), ins)
+    assert torch.autograd.gradcheck(lambda *t: selective_scan_torch(*t, delta_softplus=True), ins)
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_recurrence_chunked_and_stepwise_agree(adjoint):
+    a, b = torch.rand(37, 6, dtype=torch.float64), torch.randn(37, 6, dtype=torch.float64)
+    want, h = torch.empty_like(b), torch.zeros(6, dtype=torch.float64)  # the recurrence written out
+    if adjoint:  # h_t = a_{t+1} h_{t+1} + b_t, h_37 = 0
+        for t in range(36, -1, -1):
+            h = (a[t + 1] * h if t < 36 else 0) + b[t]
+            want[t] = h
+    else:  # h_t = a_t h_{t-1} + b_t, h_-1 = 0
+        for t in range(37):
+            h = a[t] * h + b[t]
+            want[t] = h
+    for chunked in (False, True):
+        torch.testing.assert_close(_recurrence(a, b, adjoint, chunked), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 1), (1, 2, 3, 1, 4), (1, 4, 1, 6, 2)])
+def test_ss2d_reference_is_cross_scan_scan_merge(shape):
+    """The position-major SS2D reference against its definition: cross-scan, sequential scan, cross-merge (fp64)."""
+    Bb, Dd, H, W, N = shape
+    ins = kc.ss2d_inputs((Bb, Dd, H, W, N), torch.float64, "cpu")
+    x, delta, A, B, C, D, bias = ins
+
+    def definition(x, delta, A, B, C, D, bias):
+        L = H * W
+        y = selective_scan_ref(cross_scan_ref(x).reshape(Bb, 4 * Dd, L), to_scan_order(delta).reshape(Bb, 4 * Dd, L),
+                               A, to_scan_order(B), to_scan_order(C), D, bias, delta_softplus=True)
+        return cross_merge_ref(y.view(Bb, 4, Dd, L), H, W).view(Bb, Dd, H, W)
+
+    ins = [t.requires_grad_() for t in ins]
+    want, got = definition(*ins), ss2d_scan_ref(*ins)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    dy = torch.randn_like(want)
+    for n, g, w in zip(kc.NAMES, torch.autograd.grad(got, ins, dy), torch.autograd.grad(want, ins, dy)):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=f"d{n}")
+    t = torch.randn(2, 4, 3, H, W)
+    torch.testing.assert_close(to_scan_order_lfirst(t), to_scan_order(t).permute(3, 0, 1, 2))
 
 
 def test_cross_scan_and_merge_are_adjoint_permutations():
