@@ -5,10 +5,18 @@ For one direction, output position i and input position j <= i (scan order):
 so the scan output before the D skip is y_i = sum_j alpha[i, j] u_j, channel by channel. The four directions are
 mapped back onto the grid: rows and columns of the maps are spatial (row-major) indices.
 
-The maps need one row (a query patch) or, for small grids, the whole L x L matrix; both are a handful of vectorised
-ops on (D, N, L) tensors, so no Triton kernel is needed here: on CUDA tensors this already runs on the GPU.
+The maps need one row (a query patch) or, for small grids, the whole L x L matrix. ``ss2d_scan_attention_ref`` is
+the definition: a handful of vectorised float64 ops on (D, N, L) tensors (any device). ``scan_paths_triton`` computes
+the same rows with a Triton kernel that walks the scan backwards from each query in fp32, O(i) per row, without the
+(D, N, L, L) intermediates of the reference's full matrix.
+
+backend (of ``ss2d_scan_attention``): None/"auto" runs the Triton kernel on CUDA tensors and the reference elsewhere;
+"ref" the reference; "triton" the kernel (on the CPU only under TRITON_INTERPRET=1). ``TOOLKIT_FORCE_REF=1`` forces
+the reference whatever ``backend`` says, as for the scan itself (``ss2d.py``).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +25,7 @@ from .ss2d_ref import K, to_scan_order
 
 MAX_FULL_LEN = 1024  # L x L matrices per direction and channel grow as L^2: 32x32 grids at most
 _REDUCE = ("mean", "none")
+BACKENDS = ("auto", "ref", "triton")
 
 
 def _scan_terms(delta, A, B, C, delta_bias, delta_softplus):
@@ -42,10 +51,21 @@ def _spatial_to_scan(H: int, W: int, device) -> torch.Tensor:
     return torch.argsort(perm, dim=-1)
 
 
+def _resolve(backend: str | None, t: torch.Tensor) -> str:
+    if os.environ.get("TOOLKIT_FORCE_REF", "0") not in ("", "0"):
+        return "ref"
+    backend = backend or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if t.is_cuda else "ref"
+    return backend
+
+
 def ss2d_scan_attention(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                         delta_bias: torch.Tensor | None = None, delta_softplus: bool = True,
-                        query: tuple[int, int] | None = None, channel_reduce: str = "mean"
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        query: tuple[int, int] | None = None, channel_reduce: str = "mean",
+                        backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Implicit attention of the SS2D scan, per direction and merged (summed over the 4 directions).
 
     delta: (B, K, D, H, W) raw dt; A: (K*D, N); B, C: (B, K, N, H, W); delta_bias: (K*D,) (same inputs as
@@ -53,10 +73,29 @@ def ss2d_scan_attention(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C
     (then a D axis follows K).
     query=(row, col): how much each grid cell feeds the output at that cell -> per (B, K, H, W), merged (B, H, W).
     query=None: full matrices in spatial index order, [p, q] = weight of input q in output p -> per (B, K, L, L),
-    merged (B, L, L); only for L <= MAX_FULL_LEN. Returns fp32.
+    merged (B, L, L); only for L <= MAX_FULL_LEN. Returns fp32. ``backend``: see the module docstring.
     """
     if channel_reduce not in _REDUCE:
         raise ValueError(f"channel_reduce={channel_reduce!r}; expected one of {_REDUCE}")
+    H, W = delta.shape[-2:]
+    L = H * W
+    if query is not None and not (0 <= query[0] < H and 0 <= query[1] < W):
+        raise ValueError(f"query {query} lies outside the {H}x{W} grid")
+    if query is None and L > MAX_FULL_LEN:
+        raise ValueError(f"full {L}x{L} scan-attention matrices are limited to L <= {MAX_FULL_LEN} "
+                         f"(grid {H}x{W}); pass query=(row, col) for one row instead")
+    if _resolve(backend, delta) == "triton":
+        from .scan_paths_triton import ss2d_scan_attention_triton
+        return ss2d_scan_attention_triton(delta, A, B, C, delta_bias, delta_softplus, query, channel_reduce)
+    return ss2d_scan_attention_ref(delta, A, B, C, delta_bias, delta_softplus, query, channel_reduce)
+
+
+def ss2d_scan_attention_ref(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                            delta_bias: torch.Tensor | None = None, delta_softplus: bool = True,
+                            query: tuple[int, int] | None = None, channel_reduce: str = "mean"
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition, in float64 on delta's device: same contract as ``ss2d_scan_attention`` (arguments checked
+    there)."""
     Bb, _, Dd, H, W = delta.shape
     L = H * W
     S, dtB, Cs = _scan_terms(delta, A, B, C, delta_bias, delta_softplus)
@@ -64,8 +103,6 @@ def ss2d_scan_attention(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C
     reduce = (lambda t: t.mean(2)) if channel_reduce == "mean" else (lambda t: t)  # noqa: E731
     if query is not None:
         r, c = query
-        if not (0 <= r < H and 0 <= c < W):
-            raise ValueError(f"query {query} lies outside the {H}x{W} grid")
         i = pos[:, r * W + c].view(1, K, 1, 1, 1).expand(Bb, K, Dd, S.shape[3], 1)  # scan position per direction
         Si, Ci = S.gather(-1, i), Cs.gather(-1, i[:, :, :1])  # (B, K, D, N, 1), (B, K, 1, N, 1)
         j = torch.arange(L, device=delta.device)
@@ -74,9 +111,6 @@ def ss2d_scan_attention(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C
         per = row.gather(-1, pos.view(1, K, 1, L).expand(Bb, K, Dd, L)).view(Bb, K, Dd, H, W)
         per = reduce(per).float()
         return per, per.sum(1)
-    if L > MAX_FULL_LEN:
-        raise ValueError(f"full {L}x{L} scan-attention matrices are limited to L <= {MAX_FULL_LEN} "
-                         f"(grid {H}x{W}); pass query=(row, col) for one row instead")
     tril = torch.ones(L, L, dtype=torch.bool, device=delta.device).tril()
     mats = []
     for k in range(K):  # one direction at a time bounds memory to (B, D, N, L, L)
