@@ -31,6 +31,14 @@ def _cmd_backbones(a: argparse.Namespace) -> None:
         print(f"{n:34s} {e.family:12s} {','.join(e.tags)}")
 
 
+def _cmd_zoo(a: argparse.Namespace) -> None:
+    from toolkit.zoo import default_names, format_zoo, with_paper, zoo_table
+
+    names = [n.strip() for n in a.names.split(",") if n.strip()] if a.names else default_names()
+    rows = zoo_table(names, batch=a.batch)
+    print(format_zoo(with_paper(rows) if a.paper else rows, batch=a.batch))
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
     p = argparse.ArgumentParser(prog="vlmtk", description=__doc__)
@@ -48,6 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("backbones", help="list registered backbones")
     b.add_argument("pattern", nargs="?", default="*")
     b.set_defaults(fn=_cmd_backbones)
+    z = sub.add_parser("zoo", help="table of backbones: input, tap grid, visual tokens, params, GFLOPs to the tap")
+    z.add_argument("--names", default=None,
+                   help="comma-separated registry names (default: every backbone tagged paper or embedded)")
+    z.add_argument("--paper", action="store_true", help="add the paper's token and parameter counts beside ours")
+    z.add_argument("--batch", type=int, default=1, help="batch size the FLOPs are counted at (default 1)")
+    z.set_defaults(fn=_cmd_zoo)
     args = p.parse_args(argv)
     args.fn(args)
 

@@ -144,7 +144,7 @@ class ViTDetBackbone(Backbone):
         n = cfg.pretrain_img_size // cfg.patch_size
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n * n, cfg.embed_dim))  # (1, 1 + n*n, C), slot 0 unused
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # meta-safe
         self.blocks = nn.ModuleList(
             ViTDetBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, dpr[i],
                         0 if i in cfg.global_blocks else cfg.window_size, self.grid())

@@ -228,7 +228,7 @@ class VMambaBackbone(Backbone):
         super().__init__()
         self.cfg = cfg
         dims = [cfg.dims * 2 ** i for i in range(len(cfg.depths))]
-        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()  # meta-safe
         self.patch_embed = _STEMS[cfg.stem](dims[0], cfg.patch_size)
         self.layers = nn.ModuleList()
         for i, depth in enumerate(cfg.depths):
