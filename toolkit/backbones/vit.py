@@ -43,8 +43,8 @@ class ViTBackbone(Backbone):
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
         (tokens,) = self.model.forward_intermediates(
-            images, indices=[self.tap_index], norm=False, output_fmt="NLC", intermediates_only=True
-        )
+            images, indices=[self.tap_index], norm=False, output_fmt="NLC", intermediates_only=True, stop_early=True
+        )  # blocks past the tap are never run
         return tokens  # (B, h*w, C), prefix (CLS) token dropped
 
     def forward_pooled(self, images: torch.Tensor) -> torch.Tensor:
