@@ -12,7 +12,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from toolkit.boxes import GROUNDING_PROMPT, format_box, normalize_box
 from toolkit.data import (VQA_PROMPT, FormatError, GroundingDataset, RefExample, SceneObject, SceneWorldConfig,
                           VQADataset, VQAExample, build_world, load_annotation_pickle, load_coco_instances,
-                          load_llava, load_refcoco, load_vqa, load_vqa_split, scene_objects)
+                          load_coco_semantic, load_llava, load_refcoco, load_vqa, load_vqa_split, scene_objects)
 from toolkit.data.expressions import QA
 from toolkit.data.formats import AnnotatedImage, write_annotations
 
@@ -35,6 +35,30 @@ RECORDS = [_record(1, "train"), _record(2, "val")]
 def written(tmp_path):
     write_annotations(tmp_path, RECORDS)
     return tmp_path
+
+
+def test_coco_semantic_labels_follow_polygons_categories_and_crowds(tmp_path):
+    coco = {"images": [{"id": 7, "file_name": "a.png", "width": 8, "height": 6}],
+            "categories": [{"id": 3, "name": "star"}, {"id": 1, "name": "circle"}],
+            "annotations": [
+                {"id": 1, "image_id": 7, "category_id": 3, "bbox": [0, 0, 4, 4], "iscrowd": 0,
+                 "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4]]},
+                {"id": 2, "image_id": 7, "category_id": 1, "bbox": [2, 2, 3, 3], "iscrowd": 0,  # drawn on top
+                 "segmentation": [[2, 2, 5, 2, 5, 5, 2, 5]]},
+                {"id": 3, "image_id": 7, "category_id": 1, "bbox": [6, 0, 2, 2], "iscrowd": 1,
+                 "segmentation": {"counts": [0, 4], "size": [6, 8]}}]}
+    (tmp_path / "inst.json").write_text(json.dumps(coco))
+    paths, labels, names = load_coco_semantic(tmp_path / "inst.json", tmp_path, (6, 8))
+    assert names == ["circle", "star"] and paths == [tmp_path / "a.png"]  # classes by category id: 1 circle, 2 star
+    y = labels[0]
+    assert y[0, 0] == 2 and y[3, 3] == 1 and y[5, 0] == 0  # star, circle over the star, background
+    assert (y[0:2, 6:8] == 255).all()  # crowd region left out of the loss
+    half = load_coco_semantic(tmp_path / "inst.json", tmp_path, (3, 4))[1][0]
+    assert half.shape == (3, 4) and half[0, 0] == 2
+    coco["annotations"][0]["category_id"] = 9
+    (tmp_path / "inst.json").write_text(json.dumps(coco))
+    with pytest.raises(FormatError, match="category_id 9"):
+        load_coco_semantic(tmp_path / "inst.json", tmp_path, (6, 8))
 
 
 def test_coco_round_trip_and_keys(written):

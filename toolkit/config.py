@@ -24,6 +24,26 @@ class PretrainConfig:
     max_shift: int = 8  # random translation in pixels (labels are colour+shape: no colour jitter, flips are fine)
 
 
+DENSE = "+dense"  # backbone spec suffix: the backbone after dense-task tuning (toolkit.train.dense)
+
+
+def split_spec(spec: str) -> tuple[str, bool]:
+    """``"vit-scene-128+dense"`` -> (``"vit-scene-128"``, True): registry name and whether it is dense-tuned."""
+    return (spec[: -len(DENSE)], True) if spec.endswith(DENSE) else (spec, False)
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    """Dense-task tuning after pretraining (matched across families): segmentation of the world's COCO masks."""
+
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    label_stride: int = 4  # label maps at 1/4 of the input side (32x32 at 128 px), as ADE20K heads predict
+
+
 @dataclass(frozen=True)
 class StageConfig:
     """One VLM training stage. ``align`` trains the connector; ``finetune`` connector and LM (Prismatic)."""
@@ -58,7 +78,9 @@ class EvalConfig:
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "demo"
-    backbones: tuple[str, ...] = ("vit-scene-128", "vmamba-scene-128-s3")
+    # One backbone per family of the study, matched in visual tokens (8x8) and width (128) at the tap.
+    backbones: tuple[str, ...] = ("vit-scene-128", "maxvit-scene-128-s3", "mambavision-scene-128-s3",
+                                  "vmamba-scene-128-s3")
     connector: str = "mlp2x_gelu"
     # A 2-D position code on the image tokens, which the small LMs here need to learn grounding in minutes (see
     # toolkit.connector.MLPConnector); "none" is the study's connector, for paper-scale LMs.
@@ -66,6 +88,7 @@ class ExperimentConfig:
     lm: LMConfig = LMConfig()
     world: dict = field(default_factory=dict)  # SceneWorldConfig overrides
     pretrain: PretrainConfig = PretrainConfig()
+    dense: DenseConfig = DenseConfig()  # used by backbones named with the "+dense" suffix
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     figure_examples: int = 4
@@ -81,16 +104,23 @@ class ExperimentConfig:
 def _preset_smoke() -> ExperimentConfig:
     """Seconds-long run over tiny models: the test suite's end-to-end check."""
     return ExperimentConfig(
-        name="smoke", backbones=("vit-test", "vmamba-test"),
+        name="smoke", backbones=("vit-test", "vmamba-test", "vmamba-test+dense"),
         lm=LMConfig(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=600),
         world=dict(image_size=32, n_train=120, n_val=30, n_test=10, n_cls_train=240, n_cls_val=48),
         pretrain=PretrainConfig(epochs=1, batch_size=32, warmup_steps=2, max_shift=2),
+        dense=DenseConfig(epochs=1, batch_size=32, warmup_steps=2),
         train=TrainConfig(lm_pretrain_steps=20, stages=(StageConfig("align", 10, 1e-3, 16, False),
                                                         StageConfig("finetune", 20, 1e-3, 16, True)),
                           checkpoint_every=10),
         eval=EvalConfig(max_per_style=20, max_vqa=20, batch_size=32, max_new_tokens=20),
         figure_examples=2,
     )
+
+
+def _preset_embedded_dense() -> ExperimentConfig:
+    """The embedded comparison grown by each family's dense-tuned variant (the study's COCO/ADE20K backbones)."""
+    base = ExperimentConfig()
+    return replace(base, name="embedded-dense", backbones=base.backbones + tuple(b + DENSE for b in base.backbones))
 
 
 def _preset_gpu() -> ExperimentConfig:
@@ -105,7 +135,8 @@ def _preset_gpu() -> ExperimentConfig:
     )
 
 
-PRESETS = {"embedded": ExperimentConfig, "smoke": _preset_smoke, "gpu": _preset_gpu}
+PRESETS = {"embedded": ExperimentConfig, "embedded-dense": _preset_embedded_dense, "smoke": _preset_smoke,
+           "gpu": _preset_gpu}
 
 
 def _set(obj: Any, path: list[str], value: Any) -> Any:

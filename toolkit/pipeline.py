@@ -1,4 +1,5 @@
-"""The main job: scene world -> matched backbone pretraining -> one VLM per backbone -> evaluation -> report.
+"""The main job: scene world -> matched backbone pretraining [-> dense-task tuning] -> one VLM per backbone ->
+evaluation -> report.
 
 Every step is cached in the run directory (see ``toolkit.runs``), so a second run reuses the data,
 backbones, VLMs and evaluations it finds, and an interrupted run resumes where it stopped.
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import torch
 
-from toolkit.config import ExperimentConfig
+from toolkit.config import ExperimentConfig, split_spec
 from toolkit.eval.evaluate import (evaluate_grounding, evaluate_vqa, grounding_baselines, summarize,
                                    vqa_baselines)
 from toolkit.llm import TEMPLATES
+from toolkit.registry import backbone_entry
 from toolkit.train.common import pick_device, seed_everything
+from toolkit.train.dense import dense_tune_backbone
 from toolkit.train.pretrain import load_image_folder, pretrain_backbone
 from toolkit.train.vlm_trainer import Turn, encode_all, pretrain_lm_text, train_vlm
 from toolkit.vlm import VLM, VLMConfig
@@ -79,19 +82,32 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     world = world_data(cfg, Path(cache_root))
     _log(f"scene world ready at {world.root}")
 
-    # 1. matched backbone pretraining on the classification set
-    pre = {}
+    # 1. matched backbone pretraining on the classification set, then dense-task tuning where a spec asks for it
+    specs = {spec: split_spec(spec) for spec in cfg.backbones}
+    for base, _ in specs.values():
+        backbone_entry(base)  # an unknown name fails here, before any training
+    pre, dense = {}, {}
     cls_data = None
-    for name in cfg.backbones:
-        path = run_dir / "backbones" / f"{name}.safetensors"
+    for base in dict.fromkeys(b for b, _ in specs.values()):
+        path = run_dir / "backbones" / f"{base}.safetensors"
         if path.is_file() and path.with_suffix(".json").is_file():
-            pre[name] = json.loads(path.with_suffix(".json").read_text())
+            pre[base] = json.loads(path.with_suffix(".json").read_text())
             continue
         if cls_data is None:
-            cls_data = (load_image_folder(world.classification / "train"), load_image_folder(world.classification / "val"))
+            cls_data = tuple(load_image_folder(world.classification / s) for s in ("train", "val"))
         path.parent.mkdir(parents=True, exist_ok=True)
-        pre[name] = pretrain_backbone(name, cls_data[0], cls_data[1], cfg.pretrain, path, device, cfg.train.seed)
-        _log(f"pretrained {name}: top-1 {pre[name]['top1']:.3f} in {pre[name]['train_seconds']} s")
+        pre[base] = pretrain_backbone(base, cls_data[0], cls_data[1], cfg.pretrain, path, device, cfg.train.seed)
+        _log(f"pretrained {base}: top-1 {pre[base]['top1']:.3f} in {pre[base]['train_seconds']} s")
+    for spec, (base, is_dense) in specs.items():
+        path = run_dir / "backbones" / f"{spec}.safetensors"
+        if not is_dense:
+            continue
+        if path.is_file() and path.with_suffix(".json").is_file():
+            dense[spec] = json.loads(path.with_suffix(".json").read_text())
+            continue
+        dense[spec] = dense_tune_backbone(base, run_dir / "backbones" / f"{base}.safetensors", world.root, cfg.dense,
+                                          path, device, cfg.train.seed)
+        _log(f"dense-tuned {spec}: val mIoU {dense[spec]['miou']:.3f} in {dense[spec]['train_seconds']} s")
 
     # 2. training turns (LLaVA format) and a tokenizer + text-only LM shared by every backbone
     train_conv = load_llava(world.llava / "train.json", world.root)
@@ -106,11 +122,11 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         lm_cfg = replace(cfg.lm, name_or_path=str(lm_dir))
 
     # 3. one VLM per backbone
-    for name in cfg.backbones:
+    for name, (base, _) in specs.items():
         out = run_dir / "vlms" / name
         if (out / "config.json").is_file():
             continue
-        vcfg = VLMConfig(backbone=name, connector=cfg.connector, lm=lm_cfg, image_pos=cfg.image_pos,
+        vcfg = VLMConfig(backbone=base, connector=cfg.connector, lm=lm_cfg, image_pos=cfg.image_pos,
                          backbone_weights=str(run_dir / "backbones" / f"{name}.safetensors"))
         vlm = VLM.build(vcfg).to(device)
         feats = encode_all(vlm, train_images, desc=f"encode {name}")
@@ -129,8 +145,10 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     rows += grounding_baselines(train_refs, refs, scene_objects(world.root, "val"))
     rows += vqa_baselines(load_vqa_split(world.root, "train"), vqa)
     for name, rec in pre.items():
-        rows.append(dict(backbone=name, task="pretrain", split="val", metric="top1", value=rec["top1"],
-                         n=None))
+        rows.append(dict(backbone=name, task="pretrain", split="val", metric="top1", value=rec["top1"], n=None))
+    for name, rec in dense.items():
+        rows += [dict(backbone=name, task="dense", split="val", metric=m, value=rec[m], n=None)
+                 for m in ("miou", "pixel_acc")]
 
     from toolkit.report import write_report
 

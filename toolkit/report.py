@@ -18,7 +18,8 @@ def summary_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
                                 ("Grounding mean IoU", "grounding", "mean_iou"),
                                 ("Grounding invalid-answer rate", "grounding", "invalid_rate"),
                                 ("VQA exact-match accuracy", "vqa", "accuracy"),
-                                ("Backbone pretraining top-1 (classification set)", "pretrain", "top1")):
+                                ("Backbone pretraining top-1 (classification set)", "pretrain", "top1"),
+                                ("Dense-task tuning: segmentation mIoU (val scenes)", "dense", "miou")):
         sub = df[(df.task == task) & (df.metric == metric)]
         if len(sub):
             out[title] = sub.pivot_table(index="backbone", columns="split", values="value", sort=False)

@@ -399,6 +399,47 @@ def load_llava(json_path: str | Path, image_root: str | Path) -> list[Conversati
     return out
 
 
+IGNORE_INDEX = 255  # label of pixels no loss should see (COCO crowd regions)
+
+
+def load_coco_semantic(json_path: str | Path, image_root: str | Path, label_hw: tuple[int, int],
+                       ) -> tuple[list[Path], np.ndarray, list[str]]:
+    """A COCO instances file -> semantic segmentation targets: image paths, label maps ``(N, h, w)`` uint8 at
+    ``label_hw`` (0 background, i + 1 the i-th category by id, ``IGNORE_INDEX`` crowd regions), category names.
+
+    Polygons are filled at the image's own size in annotation order (later ones on top) and the map is then
+    resized with nearest-neighbour sampling, so every label size reads the same annotation.
+    """
+    path, image_root = Path(json_path), Path(image_root)
+    data = _read_json(path)
+    cats = sorted(_index(_req_list(data, "categories", path, "the file"), path, "category").items())
+    if len(cats) >= IGNORE_INDEX:
+        raise FormatError(f"{path}: {len(cats)} categories do not fit uint8 labels")
+    label_of = {cid: i + 1 for i, (cid, _) in enumerate(cats)}
+    by_image: dict[int, list] = {}
+    for i, a in enumerate(_req_list(data, "annotations", path, "the file")):
+        by_image.setdefault(_req(a, "image_id", path, f"annotation #{i}"), []).append((i, a))
+    paths, maps = [], []
+    for i, im in enumerate(_req_list(data, "images", path, "the file")):
+        where = f"image #{i}"
+        h, w = _req(im, "height", path, where), _req(im, "width", path, where)
+        full = np.zeros((h, w), np.uint8)
+        for j, a in by_image.get(_req(im, "id", path, where), []):
+            seg = a.get("segmentation")
+            if a.get("iscrowd") or not isinstance(seg, list):  # RLE crowd masks: the box is left out of the loss
+                x1, y1, x2, y2 = (int(round(v)) for v in _xyxy(a, path, f"annotation #{j}"))
+                full[max(0, y1):y2, max(0, x1):x2] = IGNORE_INDEX
+                continue
+            cid = _req(a, "category_id", path, f"annotation #{j}")
+            if cid not in label_of:
+                raise FormatError(f"{path}: annotation #{j} has category_id {cid}, not among the categories")
+            polys = [np.asarray(p, np.float64).reshape(-1, 2).round().astype(np.int32) for p in seg if len(p) >= 6]
+            cv2.fillPoly(full, polys, int(label_of[cid]))
+        maps.append(cv2.resize(full, (label_hw[1], label_hw[0]), interpolation=cv2.INTER_NEAREST))
+        paths.append(image_root / _req(im, "file_name", path, where))
+    return paths, np.stack(maps) if maps else np.zeros((0, *label_hw), np.uint8), [c["name"] for _, c in cats]
+
+
 def scene_objects(root: str | Path, split: str) -> dict[str, list[tuple[float, float, float, float]]]:
     """``{str(image_path): [object boxes, xyxy pixels]}`` of a world split (read from its COCO file)."""
     root = Path(root)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,6 +32,34 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def fit_minibatches(params: list[torch.nn.Parameter], batch_loss: Callable[[torch.Tensor], torch.Tensor], n_items: int,
+                    batch_size: int, epochs: int, lr: float, weight_decay: float, warmup_steps: int,
+                    gen: torch.Generator, desc: str, grad_clip: float = 1.0) -> tuple[int, float]:
+    """The supervised recipe the backbone trainers share: AdamW, warm-up + cosine, gradient clipping, ``epochs``
+    passes over shuffled mini-batches (the last partial batch dropped). ``batch_loss(idx)`` returns the loss of
+    items ``idx``. Returns (steps, seconds)."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = max(1, n_items // batch_size)
+    total = epochs * steps_per_epoch
+    sched = warmup_cosine(opt, warmup_steps, total)
+    t0 = time.time()
+    with tqdm(total=total, desc=desc, unit="step", leave=False) as bar:
+        for _ in range(epochs):
+            order = torch.randperm(n_items, generator=gen)
+            for s in range(steps_per_epoch):
+                loss = batch_loss(order[s * batch_size:(s + 1) * batch_size])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                sched.step()
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    return total, time.time() - t0
 
 
 def save_train_state(path: Path, **state) -> None:

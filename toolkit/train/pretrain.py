@@ -6,7 +6,6 @@ pooled features, AdamW, warm-up + cosine, label smoothing, random flips and shif
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,12 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from toolkit.checkpoints import save_safetensors
 from toolkit.config import PretrainConfig
 from toolkit.registry import create_backbone
-from toolkit.train.common import seed_everything, warmup_cosine
+from toolkit.train.common import fit_minibatches, seed_everything
 
 
 def load_image_folder(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -71,32 +69,18 @@ def pretrain_backbone(name: str, train: tuple, val: tuple, cfg: PretrainConfig, 
     images, labels, classes = train
     backbone = create_backbone(name, **(backbone_overrides or {})).to(device)
     head = nn.Linear(backbone.num_features, len(classes)).to(device)
-    params = list(backbone.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(images) // cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    sched = warmup_cosine(opt, cfg.warmup_steps, total)
     gen = torch.Generator().manual_seed(seed)
     dc = backbone.data_config
-    t0 = time.time()
-    bar = tqdm(total=total, desc=f"pretrain {name}", unit="step", leave=False)
-    for _ in range(cfg.epochs):
-        backbone.train()
-        order = torch.randperm(len(images), generator=gen)
-        for s in range(steps_per_epoch):
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            x = augment(normalize(images[idx].to(device), dc.mean, dc.std), cfg.max_shift, gen)
-            loss = F.cross_entropy(head(backbone.forward_pooled(x)), labels[idx].to(device),
-                                   label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    train_time = time.time() - t0
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        x = augment(normalize(images[idx].to(device), dc.mean, dc.std), cfg.max_shift, gen)
+        return F.cross_entropy(head(backbone.forward_pooled(x)), labels[idx].to(device),
+                               label_smoothing=cfg.label_smoothing)
+
+    backbone.train()
+    total, train_time = fit_minibatches(list(backbone.parameters()) + list(head.parameters()), batch_loss, len(images),
+                                        cfg.batch_size, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.warmup_steps, gen,
+                                        f"pretrain {name}")
     top1 = evaluate_top1(backbone, head, val[0], val[1], device)
     save_safetensors(backbone.state_dict(), out_path)
     record = dict(backbone=name, family=type(backbone).family, top1=top1, n_classes=len(classes), steps=total,

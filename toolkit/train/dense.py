@@ -1,0 +1,103 @@
+"""Dense-task tuning: the embedded stand-in for the study's COCO-detection and ADE20K-segmentation backbones.
+
+A classification-pretrained backbone is tuned end to end with a light segmentation head on its tap tokens, on the
+scene world's COCO instance masks (semantic labels: background + one class per COCO category), with one recipe
+for every family (matched data, steps, optimizer). The tuned weights are the "dense-tuned" variant of that
+backbone; the VLM then uses them frozen, exactly as it uses the classification weights.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from toolkit.backbones.base import Backbone
+from toolkit.checkpoints import load_state_dict_file, save_safetensors
+from toolkit.config import DenseConfig
+from toolkit.data.formats import IGNORE_INDEX, load_coco_semantic
+from toolkit.registry import create_backbone
+from toolkit.train.common import fit_minibatches, seed_everything
+from toolkit.train.pretrain import normalize
+
+
+class SegHead(nn.Module):
+    """Tap tokens ``(B, h*w, C)`` on grid (h, w) -> class logits ``(B, n_classes, H, W)`` at the label size:
+    a 3x3 conv, GELU and a 1x1 classifier on the token grid, then bilinear upsampling (a one-level UperNet)."""
+
+    def __init__(self, dim: int, n_classes: int, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(dim, hidden, 3, padding=1), nn.GELU(), nn.Conv2d(hidden, n_classes, 1))
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], out_hw: tuple[int, int]) -> torch.Tensor:
+        x = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)  # (B, C, h, w)
+        return F.interpolate(self.net(x), size=out_hw, mode="bilinear", align_corners=False)
+
+
+def load_segmentation_split(world_root: str | Path, split: str, label_hw: tuple[int, int]):
+    """The world's COCO file of ``split`` -> uint8 images ``(N, 3, H, W)``, labels ``(N, h, w)`` int64, class names."""
+    root = Path(world_root)
+    paths, labels, names = load_coco_semantic(root / "coco" / f"instances_{split}.json", root / "images", label_hw)
+    imgs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # (N, H, W, 3)
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long(), names
+
+
+@torch.no_grad()
+def segmentation_scores(backbone: Backbone, head: SegHead, images: torch.Tensor, labels: torch.Tensor,
+                        device: torch.device, n_classes: int, batch_size: int = 64) -> dict[str, float]:
+    """Pixel accuracy and mean IoU over the classes present in ``labels`` (ignore pixels left out)."""
+    backbone.eval()
+    dc, grid = backbone.data_config, backbone.grid()
+    conf = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i:i + batch_size].to(device), dc.mean, dc.std)
+        y = labels[i:i + batch_size]
+        pred = head(backbone.forward_tokens(x), grid, tuple(y.shape[-2:])).argmax(1).cpu()
+        keep = y != IGNORE_INDEX
+        conf += torch.bincount(y[keep] * n_classes + pred[keep], minlength=n_classes ** 2).view(n_classes, n_classes)
+    inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
+    present = conf.sum(1) > 0
+    return dict(pixel_acc=(inter.sum() / conf.sum().clamp(min=1)).item(),
+                miou=(inter[present] / union[present].clamp(min=1)).mean().item())
+
+
+def dense_tune_backbone(name: str, init_weights: str | Path, world_root: str | Path, cfg: DenseConfig,
+                        out_path: Path, device: torch.device, seed: int = 0) -> dict:
+    """Tune backbone ``name`` from ``init_weights`` on the world's train masks; save the backbone's weights
+    (safetensors) and a JSON record with validation pixel accuracy and mIoU."""
+    seed_everything(seed)
+    backbone = create_backbone(name)
+    backbone.load_state_dict(load_state_dict_file(init_weights))
+    backbone.to(device)
+    h, w = backbone.data_config.img_size
+    label_hw = (h // cfg.label_stride, w // cfg.label_stride)
+    images, labels, names = load_segmentation_split(world_root, "train", label_hw)
+    n_classes = len(names) + 1
+    head = SegHead(backbone.embed_dim, n_classes).to(device)
+    dc, grid = backbone.data_config, backbone.grid()
+    gen = torch.Generator().manual_seed(seed)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        x = normalize(images[idx].to(device), dc.mean, dc.std)
+        y = labels[idx].to(device)
+        if torch.rand((), generator=gen) < 0.5:  # flips keep masks aligned with pixels
+            x, y = x.flip(-1), y.flip(-1)
+        return F.cross_entropy(head(backbone.forward_tokens(x), grid, label_hw), y, ignore_index=IGNORE_INDEX)
+
+    backbone.train()
+    steps, seconds = fit_minibatches(list(backbone.parameters()) + list(head.parameters()), batch_loss, len(images),
+                                     cfg.batch_size, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.warmup_steps, gen,
+                                     f"dense-tune {name}")
+    val_images, val_labels, _ = load_segmentation_split(world_root, "val", label_hw)
+    scores = segmentation_scores(backbone, head, val_images, val_labels, device, n_classes)
+    save_safetensors(backbone.state_dict(), out_path)
+    record = dict(backbone=name, family=type(backbone).family, task="semantic segmentation",
+                  classes=["background", *names], label_hw=list(label_hw), init=str(init_weights), steps=steps, train_seconds=round(seconds, 1),
+                  **scores, recipe=asdict(cfg))
+    out_path.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    return record
