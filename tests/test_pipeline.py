@@ -3,6 +3,7 @@ then a second call that must reuse everything it finds on disk."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -66,8 +67,6 @@ def test_overrides_reject_unknown_fields():
 def test_short_training_beats_chance_on_grounding(tmp_path):
     """Two-object 32 px scenes, a ViT, 1500 VLM steps (about a minute on 2 cores): the predicted boxes must overlap
     the referred object better than the best constant box (chance:mean-box), pooled over the three styles."""
-    from dataclasses import replace
-
     from toolkit.config import EvalConfig, StageConfig
 
     cfg = preset("smoke", backbones=("vit-test",), name="chance")
@@ -94,3 +93,15 @@ def test_changed_config_never_reuses_a_run(smoke_run):
     changed = apply_overrides(cfg, ["pretrain.lr=0.1"])
     with pytest.raises(ValueError, match="different config .*pretrain"):
         run_experiment(changed, root / "runs", root / "cache", make_figures=False)
+
+
+@pytest.mark.slow
+def test_a_run_grows_by_backbones_and_reuses_the_rest(smoke_run):
+    cfg, root, res, _ = smoke_run
+    backbones = res["run_dir"] / "backbones"
+    stamps = {p: p.stat().st_mtime for p in backbones.glob("*.safetensors")}
+    grown = run_experiment(replace(cfg, backbones=cfg.backbones + ("mambavision-test",)), root / "runs", root / "cache",
+                           make_figures=False)
+    assert {p: p.stat().st_mtime for p in stamps} == stamps  # the first backbones were not retrained
+    df = pd.read_csv(grown["run_dir"] / "results.csv")
+    assert {"mambavision-test", *cfg.backbones} <= set(df.backbone)

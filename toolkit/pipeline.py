@@ -33,11 +33,12 @@ def _log(msg: str) -> None:
 
 
 def _check_same_config(path: Path, cfg: ExperimentConfig) -> None:
-    """Resuming reuses every checkpoint in the run directory, so it must be the same experiment."""
+    """Resuming reuses every checkpoint in the run directory, so it must be the same experiment. The backbone list
+    may differ: every checkpoint and evaluation is kept per backbone, so a run can grow (or show a subset)."""
     if not path.is_file():
         return
     old, new = json.loads(path.read_text()), json.loads(json.dumps(cfg.to_dict()))
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = sorted(k for k in set(old) | set(new) if k != "backbones" and old.get(k) != new.get(k))
     if changed:
         raise ValueError(f"{path.parent} holds a run with a different config (fields: {', '.join(changed)}); its "
                          f"checkpoints would be reused. Pick another --name, or delete that directory to start over.")
