@@ -40,7 +40,7 @@ def test_side_by_side_has_a_row_per_backbone_and_scores_in_titles(analyses):
     fig = side_by_side(analyses)
     titles = [a.text for a in fig.layout.annotations]
     assert len(titles) == 4 * len(analyses)
-    assert titles[0].startswith("vit-test: '[0.10, 0.30, 0.50, 0.70]' (IoU ")
+    assert titles[0].startswith("vit-test<br>'[0.10, 0.30, 0.50, 0.70]' (IoU ")
     assert any("invalid answer" in t or "IoU" in t for t in titles[4:])
     assert sum(t.type == "image" for t in fig.data) == 4 * len(analyses)
     dashed = [s for s in fig.layout.shapes if s.line.dash == "dash"]

@@ -16,10 +16,11 @@ DIRECTIONS = ("row-major", "column-major", "row-major reversed", "column-major r
 
 
 def grounding_title(name: str, a: Analysis, limit: int = 32) -> str:
-    """``name: 'answer'`` with the IoU, or the reason there is no score."""
+    """``name`` over ``'answer'`` with the IoU, or the reason there is no score (two lines: a long backbone name
+    and a box would not fit over one panel)."""
     ans = a.grounding.answer if len(a.grounding.answer) <= limit else a.grounding.answer[:limit] + "..."
     score = "invalid answer" if not a.grounding.valid else "no ground truth" if a.iou is None else f"IoU {a.iou:.2f}"
-    return f"{name}: {ans!r} ({score})"
+    return f"{name}<br>{ans!r} ({score})"
 
 
 def _panels(name: str, a: Analysis) -> list[tuple[str, list[go.BaseTraceType], list[dict]]]:
