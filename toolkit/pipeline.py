@@ -100,9 +100,9 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         pre[base] = pretrain_backbone(base, cls_data[0], cls_data[1], cfg.pretrain, path, device, cfg.train.seed)
         _log(f"pretrained {base}: top-1 {pre[base]['top1']:.3f} in {pre[base]['train_seconds']} s")
     for spec, (base, is_dense) in specs.items():
-        path = run_dir / "backbones" / f"{spec}.safetensors"
         if not is_dense:
             continue
+        path = run_dir / "backbones" / f"{spec}.safetensors"
         if path.is_file() and path.with_suffix(".json").is_file():
             dense[spec] = json.loads(path.with_suffix(".json").read_text())
             continue
