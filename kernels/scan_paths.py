@@ -16,11 +16,10 @@ the reference whatever ``backend`` says, as for the scan itself (``ss2d.py``).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from .ss2d import resolve_backend
 from .ss2d_ref import K, to_scan_order
 
 MAX_FULL_LEN = 1024  # L x L matrices per direction and channel grow as L^2: 32x32 grids at most
@@ -52,14 +51,7 @@ def _spatial_to_scan(H: int, W: int, device) -> torch.Tensor:
 
 
 def _resolve(backend: str | None, t: torch.Tensor) -> str:
-    if os.environ.get("TOOLKIT_FORCE_REF", "0") not in ("", "0"):
-        return "ref"
-    backend = backend or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
-        return "triton" if t.is_cuda else "ref"
-    return backend
+    return resolve_backend(backend, t, BACKENDS)
 
 
 def ss2d_scan_attention(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,

@@ -32,15 +32,21 @@ def scan_backend(name: str):
         _default.pop()
 
 
-def _resolve(backend: str | None, x: torch.Tensor) -> str:
+def resolve_backend(backend: str | None, t: torch.Tensor, choices: tuple[str, ...] = BACKENDS) -> str:
+    """The backend a call on tensor ``t`` runs: ``TOOLKIT_FORCE_REF`` wins, "auto" (or None) means Triton on CUDA
+    tensors and the reference elsewhere, anything else must be one of ``choices``. Shared with the scan-path maps."""
     if os.environ.get("TOOLKIT_FORCE_REF", "0") not in ("", "0"):
         return "ref"
-    backend = backend or _default[-1]
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}; expected one of {BACKENDS}")
+    backend = backend or "auto"
+    if backend not in choices:
+        raise ValueError(f"backend={backend!r}; expected one of {choices}")
     if backend == "auto":
-        return "triton" if x.is_cuda else "ref"
+        return "triton" if t.is_cuda else "ref"
     return backend
+
+
+def _resolve(backend: str | None, x: torch.Tensor) -> str:
+    return resolve_backend(backend or _default[-1], x)
 
 
 def _mamba_scan():
