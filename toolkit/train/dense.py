@@ -11,11 +11,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 from toolkit.backbones.base import Backbone
 from toolkit.checkpoints import load_state_dict_file, save_safetensors
@@ -23,7 +21,7 @@ from toolkit.config import DenseConfig
 from toolkit.data.formats import IGNORE_INDEX, load_coco_semantic
 from toolkit.registry import create_backbone
 from toolkit.train.common import fit_minibatches, seed_everything
-from toolkit.train.pretrain import normalize
+from toolkit.train.pretrain import load_images, normalize
 
 
 class SegHead(nn.Module):
@@ -43,8 +41,7 @@ def load_segmentation_split(world_root: str | Path, split: str, label_hw: tuple[
     """The world's COCO file of ``split`` -> uint8 images ``(N, 3, H, W)``, labels ``(N, h, w)`` int64, class names."""
     root = Path(world_root)
     paths, labels, names = load_coco_semantic(root / "coco" / f"instances_{split}.json", root / "images", label_hw)
-    imgs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # (N, H, W, 3)
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long(), names
+    return load_images(paths), torch.from_numpy(labels).long(), names
 
 
 @torch.no_grad()

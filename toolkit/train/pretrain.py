@@ -26,8 +26,13 @@ def load_image_folder(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, lis
     from torchvision.datasets import ImageFolder
 
     ds = ImageFolder(str(root))
-    imgs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p, _ in ds.samples])  # (N, H, W, 3)
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), ds.classes
+    return load_images([p for p, _ in ds.samples]), torch.tensor(ds.targets), ds.classes
+
+
+def load_images(paths) -> torch.Tensor:
+    """Same-size image files -> uint8 ``(N, 3, H, W)`` RGB, held in memory."""
+    imgs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # (N, H, W, 3)
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
 
 
 def normalize(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
