@@ -23,14 +23,13 @@ model whose forward fails on ``meta`` is counted with real tensors on the CPU.
 from __future__ import annotations
 
 import contextlib
-import sys
+from unittest import mock
 from typing import Iterable, Iterator
 
 import torch
 import torch.nn as nn
 
 ZOO_TAGS = ("paper", "embedded")
-SCAN_ENTRY_POINTS = ("ss2d_scan_fn", "selective_scan_fn")
 
 ZOO_HEADER = (
     "GFLOPs = one forward to the tap at the listed input, batch {batch}, in the fvcore/VMamba convention "
@@ -86,30 +85,14 @@ class _ScanCounter:
 
 @contextlib.contextmanager
 def count_scans() -> Iterator[_ScanCounter]:
-    """Within the block, every scan the models call is counted (and not run): yields the counter.
-
-    The models import the entry points at call time from ``toolkit_kernels``; any module of the toolkit that holds
-    them as globals is patched too, so a model that imports them at module level is counted the same way.
-    """
+    """Within the block, every scan the models call is counted (and not run): yields the counter. The models import
+    the entry points from ``toolkit_kernels`` at call time, so replacing them there reaches every model."""
     import toolkit_kernels
 
     counter = _ScanCounter()
-    stubs = {"ss2d_scan_fn": counter.ss2d, "selective_scan_fn": counter.selective}
-    originals = {name: getattr(toolkit_kernels, name) for name in SCAN_ENTRY_POINTS}
-    patched = []
-    for mod in list(sys.modules.values()):
-        mname = getattr(mod, "__name__", "") or ""
-        if not (mname.startswith("toolkit") or mname.startswith("kernels")):
-            continue
-        for name, orig in originals.items():
-            if getattr(mod, name, None) is orig:
-                setattr(mod, name, stubs[name])
-                patched.append((mod, name, orig))
-    try:
+    with mock.patch.object(toolkit_kernels, "ss2d_scan_fn", counter.ss2d), \
+            mock.patch.object(toolkit_kernels, "selective_scan_fn", counter.selective):
         yield counter
-    finally:
-        for mod, name, orig in patched:
-            setattr(mod, name, orig)
 
 
 def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
