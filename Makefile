@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml scripts/install-extras.sh
 	PIP="$(BIN)/pip" bash scripts/install-extras.sh
 	touch $@
 
-demo: setup chromium
+demo: setup
 	$(BIN)/vlmtk demo --preset embedded
 
 test: setup chromium

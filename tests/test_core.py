@@ -27,6 +27,12 @@ def test_parse_box_invalid_is_none_never_raises(text):
     assert parse_box(text) is None
 
 
+@pytest.mark.parametrize("text", ["[0.50, 0.50, 0.50, 0.90]", "[0.10, 0.40, 0.30, 0.40]", "[0, 0, 0, 0]"])
+def test_zero_area_box_is_invalid_unless_allowed(text):
+    assert parse_box(text) is None
+    assert parse_box(text, allow_empty=True) is not None
+
+
 def test_format_box_roundtrip_and_iou():
     assert format_box((0.1234, 0.5, 1.2, -0.1)) == "[0.12, 0.50, 1.00, 0.00]"
     assert parse_box(format_box((0.1, 0.2, 0.3, 0.4))) == pytest.approx((0.1, 0.2, 0.3, 0.4))

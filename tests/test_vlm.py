@@ -1,13 +1,18 @@
 """The VLM: sequence assembly, loss masking, generation, grounding on any image, save/load, resumable training."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from toolkit.checkpoints import save_safetensors
 from toolkit.config import StageConfig, TrainConfig
 from toolkit.llm import LMConfig, train_tokenizer
+from toolkit.registry import create_backbone
 from toolkit.train import vlm_trainer
 from toolkit.train.vlm_trainer import Turn, train_vlm
 from toolkit.vlm import IGNORE_INDEX, VLM, VLMConfig
@@ -143,3 +148,30 @@ def test_image_position_code_is_saved_and_checked(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="grid"):
         vlm.connector(tokens[:, :-1])
 
+
+
+def test_a_moved_run_loads_its_own_backbone_from_any_cwd(tokenizer, tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    trained = create_backbone("vit-test").state_dict()
+    save_safetensors(trained, tmp_path / "orig" / "backbones" / "vit-test.safetensors")
+    monkeypatch.chdir(tmp_path)  # the pipeline names the weights relative to the cwd
+    _vlm(tokenizer, backbone_weights="orig/backbones/vit-test.safetensors").save(tmp_path / "orig" / "vlms" / "vit-test")
+    cfg = json.loads((tmp_path / "orig" / "vlms" / "vit-test" / "config.json").read_text())
+    assert cfg["backbone_weights"] == "../../backbones/vit-test.safetensors"
+
+    shutil.copytree(tmp_path / "orig", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "orig")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = VLM.load("../moved/vlms/vit-test")
+    assert again.cfg.backbone_weights == str(tmp_path.resolve() / "moved" / "backbones" / "vit-test.safetensors")
+    for k, v in again.backbone.state_dict().items():
+        torch.testing.assert_close(v, trained[k], msg=k)
+
+
+def test_backbone_weights_outside_the_run_stay_absolute(tokenizer, tmp_path):
+    weights = tmp_path / "shared" / "vit-test.safetensors"
+    save_safetensors(_vlm(tokenizer).backbone.state_dict(), weights)
+    _vlm(tokenizer, backbone_weights=str(weights)).save(tmp_path / "run" / "vlms" / "vit-test")
+    cfg = json.loads((tmp_path / "run" / "vlms" / "vit-test" / "config.json").read_text())
+    assert cfg["backbone_weights"] == str(weights.resolve())

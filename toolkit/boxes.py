@@ -26,11 +26,12 @@ def format_box(box_xyxy_norm: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.2f}" for v in vals) + "]"
 
 
-def parse_box(answer: str) -> tuple[float, float, float, float] | None:
+def parse_box(answer: str, allow_empty: bool = False) -> tuple[float, float, float, float] | None:
     """The first list literal in ``answer`` as 4 floats in [0, 1], or None when it is not a valid box.
 
     Only literals are evaluated (``ast.literal_eval``), so a model answer can never run code.
-    Degenerate boxes (x2 < x1 or y2 < y1) are invalid too: they cannot overlap anything.
+    Degenerate boxes (x2 < x1 or y2 < y1) are invalid too, and so are zero-area ones (x2 == x1 or y2 == y1)
+    unless ``allow_empty`` (the collapse diagnostics count them): they cannot overlap anything.
     """
     if not isinstance(answer, str):
         return None
@@ -52,7 +53,7 @@ def parse_box(answer: str) -> tuple[float, float, float, float] | None:
             return None
         out.append(v)
     x1, y1, x2, y2 = out
-    if x2 < x1 or y2 < y1:
+    if x2 < x1 or y2 < y1 or (not allow_empty and (x2 == x1 or y2 == y1)):
         return None
     return (x1, y1, x2, y2)
 

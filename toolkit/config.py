@@ -22,6 +22,7 @@ class PretrainConfig:
     warmup_steps: int = 30
     label_smoothing: float = 0.1
     max_shift: int = 8  # random translation in pixels (labels are colour+shape: no colour jitter, flips are fine)
+    head: str = "tap-max"  # toolkit.train.pretrain.Classifier: max-pooled tap tokens, or "pooled" (whole network)
 
 
 DENSE = "+dense"  # backbone spec suffix: the backbone after dense-task tuning (toolkit.train.dense)
@@ -63,6 +64,7 @@ class TrainConfig:
     warmup_frac: float = 0.05
     grad_clip: float = 1.0
     grounding_fraction: float = 0.7  # share of grounding turns in the training mix (the rest is VQA)
+    objects_fraction: float = 0.0  # share of "list every object with its box" turns (toolkit.data.formats)
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -71,6 +73,7 @@ class TrainConfig:
 class EvalConfig:
     max_per_style: int = 200  # referring expressions per RefCOCO-style split
     max_vqa: int = 400
+    max_reliance: int = 512  # val turns scored with true vs shuffled image tokens (toolkit.eval.reliance)
     batch_size: int = 64
     max_new_tokens: int = 20
 
@@ -112,7 +115,7 @@ def _preset_smoke() -> ExperimentConfig:
         train=TrainConfig(lm_pretrain_steps=20, stages=(StageConfig("align", 10, 1e-3, 16, False),
                                                         StageConfig("finetune", 20, 1e-3, 16, True)),
                           checkpoint_every=10),
-        eval=EvalConfig(max_per_style=20, max_vqa=20, batch_size=32, max_new_tokens=20),
+        eval=EvalConfig(max_per_style=20, max_vqa=20, max_reliance=64, batch_size=32, max_new_tokens=20),
         figure_examples=2,
     )
 

@@ -17,6 +17,7 @@ import torch
 from toolkit.config import ExperimentConfig, split_spec
 from toolkit.eval.evaluate import (evaluate_grounding, evaluate_vqa, grounding_baselines, summarize,
                                    vqa_baselines)
+from toolkit.eval.reliance import image_reliance
 from toolkit.llm import TEMPLATES
 from toolkit.registry import backbone_entry
 from toolkit.train.common import pick_device, seed_everything
@@ -64,6 +65,16 @@ def turns_from_llava(records, image_index: dict[str, int]) -> list[Turn]:
             kind = "grounding" if prompt.startswith("Please provide the bounding box") else "vqa"
             out.append(Turn(i, prompt, gpt, kind))
     return out
+
+
+def object_list_turns(world, split: str, image_index: dict[str, int]) -> list[Turn]:
+    """The auxiliary "list every object with its box" turn of every image of a split (from its COCO file)."""
+    from toolkit.data import load_coco_instances
+    from toolkit.data.formats import object_list_turn
+
+    images = load_coco_instances(world.coco / f"instances_{split}.json", world.images)
+    return [Turn(image_index[str(im.image_path)], *object_list_turn(im), "objects") for im in images
+            if str(im.image_path) in image_index]
 
 
 def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_root: str | Path = "data_cache",
@@ -115,6 +126,8 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     train_images = sorted({str(r.image_path) for r in train_conv})
     index = {p: i for i, p in enumerate(train_images)}
     turns = turns_from_llava(train_conv, index)
+    if cfg.train.objects_fraction > 0:
+        turns += object_list_turns(world, "train", index)
     lm_cfg = cfg.lm
     if cfg.lm.name_or_path is None:  # a fresh LM: train tokenizer + text warm-up once, shared by every backbone
         lm_dir = run_dir / "lm_base"
@@ -138,10 +151,18 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     # 4. evaluation on val (cached per VLM and eval config)
     refs = [r for s in STYLES for r in load_refcoco(world.root, s, "val")[: cfg.eval.max_per_style]]
     vqa = load_vqa_split(world.root, "val")[: cfg.eval.max_vqa]
+    val_conv = load_llava(world.llava / "val.json", world.root)
+    val_images = sorted({str(r.image_path) for r in val_conv})
+    val_turns = turns_from_llava(val_conv, {p: i for i, p in enumerate(val_images)})
+    order = torch.randperm(len(val_turns), generator=torch.Generator().manual_seed(cfg.train.seed))
+    val_turns = [val_turns[int(i)] for i in order[: cfg.eval.max_reliance]]
     rows = []
     for name in cfg.backbones:
-        g, q = _evaluate_cached(run_dir / "vlms" / name, refs, vqa, cfg, device, VQA_PROMPT)
+        g, q, rel = _evaluate_cached(run_dir / "vlms" / name, refs, vqa, (val_images, val_turns), cfg, device,
+                                     VQA_PROMPT)
         rows += summarize(name, g, q)
+        rows += [dict(backbone=name, task="reliance", split="val", metric=k, value=float(v), n=len(val_turns))
+                 for k, v in rel.items()]
     train_refs = [r for s in STYLES for r in load_refcoco(world.root, s, "train")]
     rows += grounding_baselines(train_refs, refs, scene_objects(world.root, "val"))
     rows += vqa_baselines(load_vqa_split(world.root, "train"), vqa)
@@ -176,16 +197,20 @@ def _build_lm_base(cfg: ExperimentConfig, turns: list[Turn], lm_dir: Path, devic
     _log(f"LM warm-up (text only): {cfg.train.lm_pretrain_steps} steps, final loss {loss}")
 
 
-def _evaluate_cached(vlm_dir: Path, refs, vqa, cfg: ExperimentConfig, device, vqa_prompt: str):
-    """Per-example evaluation results, cached next to the VLM and keyed by the eval config and weights."""
-    key = hashlib.sha1(json.dumps([cfg.eval.__dict__, len(refs), len(vqa),
+def _evaluate_cached(vlm_dir: Path, refs, vqa, reliance_set, cfg: ExperimentConfig, device, vqa_prompt: str):
+    """Per-example evaluation results and the image-reliance check, cached next to the VLM and keyed by the eval
+    config and weights."""
+    key = hashlib.sha1(json.dumps([cfg.eval.__dict__, len(refs), len(vqa), len(reliance_set[1]),
                                    (vlm_dir / "model.safetensors").stat().st_mtime_ns]).encode()).hexdigest()[:12]
     cache = vlm_dir / f"eval_val_{key}.json"
     if cache.is_file():
         d = json.loads(cache.read_text())
-        return d["grounding"], d["vqa"]
+        return d["grounding"], d["vqa"], d["reliance"]
     vlm = VLM.load(vlm_dir).to(device)
     g = evaluate_grounding(vlm, refs, cfg.eval.batch_size, cfg.eval.max_new_tokens, desc=f"eval {vlm_dir.name} grounding")
     q = evaluate_vqa(vlm, vqa, vqa_prompt, cfg.eval.batch_size, desc=f"eval {vlm_dir.name} vqa")
-    cache.write_text(json.dumps(dict(grounding=g, vqa=q)))
-    return g, q
+    images, turns = reliance_set
+    feats = encode_all(vlm, images, desc=f"encode val {vlm_dir.name}")
+    rel = image_reliance(vlm, feats, turns, cfg.eval.batch_size, seed=cfg.train.seed)
+    cache.write_text(json.dumps(dict(grounding=g, vqa=q, reliance=rel)))
+    return g, q, rel

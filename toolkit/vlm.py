@@ -6,6 +6,7 @@ only the answer and EOS carry loss. Nothing here branches on the backbone family
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,7 +35,8 @@ class VLMConfig:
     # "original": by the original image size, as the RefCOCO harness does (wrong under letterbox for non-square images).
     box_frame: str = "input"
     backbone_overrides: dict = field(default_factory=dict)
-    backbone_weights: str | None = None  # path of the backbone's pretrained file
+    # path of the backbone's pretrained file; config.json keeps it relative to the VLM's directory (see VLM.save)
+    backbone_weights: str | None = None
     image_pos: str = "none"  # "sincos2d": a 2-D position code on the projected tokens (see MLPConnector)
 
     def to_dict(self) -> dict:
@@ -203,7 +205,10 @@ class VLM(nn.Module):
         save_safetensors(sd, run_dir / "model.safetensors")
         self.tokenizer.save_pretrained(str(run_dir / "tokenizer"))
         self.lm.config.save_pretrained(str(run_dir / "lm_config"))
-        (run_dir / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        cfg = self.cfg.to_dict()
+        if cfg["backbone_weights"]:
+            cfg["backbone_weights"] = _stored_path(cfg["backbone_weights"], run_dir)
+        (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
 
     @classmethod
     def load(cls, run_dir: str | Path, map_location: str = "cpu") -> "VLM":
@@ -216,6 +221,9 @@ class VLM(nn.Module):
             if not (run_dir / part).exists():
                 raise FileNotFoundError(f"{run_dir} is not a complete VLM run: `{part}` is missing")
         cfg = VLMConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        if cfg.backbone_weights:
+            # absolute in memory, so a later save or chdir keeps it right
+            cfg.backbone_weights = str((run_dir / cfg.backbone_weights).resolve())
         tok = AutoTokenizer.from_pretrained(str(run_dir / "tokenizer"))
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(run_dir / "lm_config")))
         backbone = create_backbone(cfg.backbone, **cfg.backbone_overrides)
@@ -238,6 +246,14 @@ class VLM(nn.Module):
         if getattr(self.lm.config, "tie_word_embeddings", False):
             self.lm.tie_weights()
         return missing, unexpected
+
+
+def _stored_path(path: str | Path, vlm_dir: Path) -> str:
+    """``path`` (absolute or relative to the cwd) as config.json keeps it: relative to ``vlm_dir`` when it lies in
+    the same run tree (the directory holding ``vlms/``), so a moved or copied run reads its own file; else absolute."""
+    path, vlm_dir = Path(path).resolve(), vlm_dir.resolve()
+    root = vlm_dir.parent.parent if vlm_dir.parent.name == "vlms" else vlm_dir
+    return os.path.relpath(path, vlm_dir) if path.is_relative_to(root) else str(path)
 
 
 def _load_own_backbone(backbone: nn.Module, path: str | Path) -> None:

@@ -189,6 +189,19 @@ def llava_conversations(records: Sequence[AnnotatedImage]) -> list[dict]:
     return out
 
 
+OBJECTS_PROMPT = "List every object in the image with its bounding box."
+
+
+def object_list_turn(image: CocoImage) -> tuple[str, str]:
+    """An auxiliary training turn (prompt, answer) that names every object of a COCO image with its box, left to
+    right: ``"red star [0.10, 0.20, 0.35, 0.45]; blue circle [...]"``. It asks the LM to read every object's
+    appearance and position off the image tokens, with no expression to resolve first: the skill grounding builds on."""
+    objs = sorted(image.objects, key=lambda o: (o.box[0], o.box[1]))
+    parts = [f"{o.colour + ' ' if o.colour else ''}{o.shape} {format_box(normalize_box(o.box, image.width, image.height))}"
+             for o in objs]
+    return OBJECTS_PROMPT, "; ".join(parts)
+
+
 def _dump(path: Path, data: bytes) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

@@ -81,10 +81,13 @@ class SceneWorldConfig:
     max_objects: int = 6
     refs_per_scene: int = 2  # referred objects per scene and style
     sentences_per_ref: int = 2
+    object_scale: float = 1.0  # multiplies every size's radius range (SIZE_RADIUS)
 
     def __post_init__(self):
         if not 32 <= self.image_size <= 4096:
             raise ValueError(f"image_size must be in [32, 4096], got {self.image_size}")
+        if not 0.25 <= self.object_scale <= 2.5:
+            raise ValueError(f"object_scale must be in [0.25, 2.5], got {self.object_scale}")
         if not 1 <= self.min_objects <= self.max_objects <= 8:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= 8, got {self.min_objects}..{self.max_objects}")
         for name in ("n_cls_train", "n_cls_val"):
@@ -151,8 +154,8 @@ def _paint(img: np.ndarray, alpha: np.ndarray, colour: str, rng: np.random.Gener
     img += alpha[..., None] * rgb.astype(np.float32)
 
 
-def _radius(rng: np.random.Generator, size_name: str, image_size: int) -> float:
-    return max(_MIN_RADIUS, rng.uniform(*SIZE_RADIUS[size_name]) * image_size)
+def _radius(rng: np.random.Generator, size_name: str, cfg: SceneWorldConfig) -> float:
+    return max(_MIN_RADIUS, rng.uniform(*SIZE_RADIUS[size_name]) * cfg.object_scale * cfg.image_size)
 
 
 def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -173,7 +176,7 @@ def render_scene(cfg: SceneWorldConfig, split: str, index: int) -> Scene:
     for _ in range(int(rng.integers(cfg.min_objects, cfg.max_objects + 1))):
         for _attempt in range(30):
             shape, colour, size_name = str(rng.choice(shapes)), str(rng.choice(colours)), str(rng.choice(SIZES))
-            r = _radius(rng, size_name, size)
+            r = _radius(rng, size_name, cfg)
             cx, cy = rng.uniform(r + 1, size - r - 1, 2)
             alpha = _alpha(shape, cx, cy, r, size)
             mask = alpha >= 0.5
@@ -196,7 +199,7 @@ def render_classification(cfg: SceneWorldConfig, split: str, index: int) -> tupl
     label = CLASS_NAMES[index % len(CLASS_NAMES)]
     colour, shape = label.split()
     img = _background(rng, size)
-    r = _radius(rng, str(rng.choice(SIZES)), size)
+    r = _radius(rng, str(rng.choice(SIZES)), cfg)
     cx, cy = rng.uniform(r + 1, size - r - 1, 2)
     _paint(img, _alpha(shape, cx, cy, r, size), colour, rng)
     return np.round(img).astype(np.uint8), label

@@ -14,6 +14,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from toolkit.boxes import GROUNDING_PROMPT, box_iou
+from toolkit.eval.metrics import grounding_collapse, metric_row, normalize_answer, vqa_collapse
 from toolkit.vlm import VLM
 
 IOU_THRESHOLD = 0.5
@@ -28,20 +29,21 @@ def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
 def evaluate_grounding(vlm: VLM, records: Sequence, batch_size: int = 64, max_new_tokens: int = 20,
                        desc: str = "grounding") -> list[dict]:
     """``records``: RefExample-like (image_path, expression, box_xyxy in original pixels, dataset).
-    Returns one dict per record: answer, valid, iou, correct."""
+    Returns one dict per record: answer, valid, iou, correct, the boxes and the image's (w, h) size."""
     vlm.eval()
     rows = []
     for chunk in tqdm(list(_batches(records, batch_size)), desc=desc, unit="batch", leave=False):
-        prep = [vlm.preprocess(Image.open(r.image_path)) for r in chunk]
+        images = [Image.open(r.image_path) for r in chunk]
+        prep = [vlm.preprocess(im) for im in images]
         feats = vlm.encode_images(torch.stack([p[0] for p in prep]))
         answers = vlm.generate(feats, [GROUNDING_PROMPT.format(expression=r.expression) for r in chunk], max_new_tokens)
-        for r, (_, geom), ans in zip(chunk, prep, answers):
+        for r, im, (_, geom), ans in zip(chunk, images, prep, answers):
             g = vlm.read_box(ans, geom)
             iou = float(box_iou(torch.tensor(g.box_pixels), torch.tensor(r.box_xyxy, dtype=torch.float32))) \
                 if g.valid else 0.0
             rows.append(dict(dataset=r.dataset, expression=r.expression, answer=ans, valid=g.valid, iou=iou,
                              correct=iou >= IOU_THRESHOLD, image_path=str(r.image_path),
-                             pred_box=g.box_pixels, gt_box=tuple(r.box_xyxy)))
+                             pred_box=g.box_pixels, gt_box=tuple(r.box_xyxy), image_size=im.size))
     return rows
 
 
@@ -57,37 +59,32 @@ def evaluate_vqa(vlm: VLM, records: Sequence, prompt_format: str, batch_size: in
                                max_new_tokens)
         for r, ans in zip(chunk, answers):
             rows.append(dict(question_type=r.question_type, question=r.question, answer=ans, gt=r.answer,
-                             correct=_norm(ans) == _norm(r.answer)))
+                             correct=normalize_answer(ans) == normalize_answer(r.answer)))
     return rows
 
 
-def _norm(s: str) -> str:
-    return " ".join(s.lower().strip().rstrip(".").split())
-
-
 def summarize(backbone: str, grounding: Sequence[dict], vqa: Sequence[dict]) -> list[dict]:
-    """Metric rows: one per backbone x task x split/type x metric."""
+    """Metric rows: one per backbone x task x split/type x metric, scores with bootstrap intervals,
+    then the collapse diagnostics (see ``toolkit.eval.metrics``)."""
     out = []
     by_ds = defaultdict(list)
     for r in grounding:
         by_ds[r["dataset"]].append(r)
     for ds, rs in sorted(by_ds.items()):
-        n = len(rs)
-        out.append(dict(backbone=backbone, task="grounding", split=ds, metric="acc@0.5",
-                        value=sum(r["correct"] for r in rs) / n, n=n))
-        out.append(dict(backbone=backbone, task="grounding", split=ds, metric="invalid_rate",
-                        value=sum(not r["valid"] for r in rs) / n, n=n))
-        out.append(dict(backbone=backbone, task="grounding", split=ds, metric="mean_iou",
-                        value=sum(r["iou"] for r in rs) / n, n=n))
+        out.append(metric_row(backbone, "grounding", ds, "acc@0.5", [r["correct"] for r in rs]))
+        out.append(metric_row(backbone, "grounding", ds, "invalid_rate", [not r["valid"] for r in rs]))
+        out.append(metric_row(backbone, "grounding", ds, "mean_iou", [r["iou"] for r in rs]))
     by_q = defaultdict(list)
     for r in vqa:
-        by_q[r["question_type"]].append(r)
-    for q, rs in sorted(by_q.items()):
-        out.append(dict(backbone=backbone, task="vqa", split=q, metric="accuracy",
-                        value=sum(r["correct"] for r in rs) / len(rs), n=len(rs)))
+        by_q[r["question_type"]].append(r["correct"])
+    for q, v in sorted(by_q.items()):
+        out.append(metric_row(backbone, "vqa", q, "accuracy", v))
     if vqa:
-        out.append(dict(backbone=backbone, task="vqa", split="all", metric="accuracy",
-                        value=sum(r["correct"] for r in vqa) / len(vqa), n=len(vqa)))
+        out.append(metric_row(backbone, "vqa", "all", "accuracy", [r["correct"] for r in vqa]))
+    for task, per_split, n_of in (("grounding", grounding_collapse(grounding), by_ds),
+                                  ("vqa", vqa_collapse(vqa), by_q)):
+        for split, metrics in per_split.items():
+            out += [metric_row(backbone, task, split, m, v, n=len(n_of[split]), ci=False) for m, v in metrics.items()]
     return out
 
 
@@ -108,17 +105,14 @@ def grounding_baselines(train_records: Sequence, val_records: Sequence, objects_
     out = []
     for ds, rs in sorted(by_ds.items()):
         ious = [float(box_iou(mean_box, norm(r))) for r in rs]
-        out.append(dict(backbone="chance:mean-box", task="grounding", split=ds, metric="acc@0.5",
-                        value=sum(i >= IOU_THRESHOLD for i in ious) / len(ious), n=len(rs)))
-        out.append(dict(backbone="chance:mean-box", task="grounding", split=ds, metric="mean_iou",
-                        value=sum(ious) / len(ious), n=len(rs)))
+        out.append(metric_row("chance:mean-box", "grounding", ds, "acc@0.5", [i >= IOU_THRESHOLD for i in ious]))
+        out.append(metric_row("chance:mean-box", "grounding", ds, "mean_iou", ious))
         fr = []
         for r in rs:
             boxes = torch.tensor(objects_of[str(r.image_path)], dtype=torch.float32)
             fr.append(float((box_iou(boxes, torch.tensor(r.box_xyxy, dtype=torch.float32)[None]) >= IOU_THRESHOLD)
                             .float().mean()))
-        out.append(dict(backbone="chance:random-object", task="grounding", split=ds, metric="acc@0.5",
-                        value=sum(fr) / len(fr), n=len(rs)))
+        out.append(metric_row("chance:random-object", "grounding", ds, "acc@0.5", fr))
     return out
 
 
@@ -126,15 +120,13 @@ def vqa_baselines(train_records: Sequence, val_records: Sequence) -> list[dict]:
     """``chance:majority``: the most frequent training answer of each question type."""
     counts: dict[str, Counter] = defaultdict(Counter)
     for r in train_records:
-        counts[r.question_type][_norm(r.answer)] += 1
+        counts[r.question_type][normalize_answer(r.answer)] += 1
     major = {q: c.most_common(1)[0][0] for q, c in counts.items()}
     by_q = defaultdict(list)
     for r in val_records:
-        by_q[r.question_type].append(_norm(r.answer) == major.get(r.question_type))
-    out = [dict(backbone="chance:majority", task="vqa", split=q, metric="accuracy", value=sum(v) / len(v), n=len(v))
-           for q, v in sorted(by_q.items())]
+        by_q[r.question_type].append(normalize_answer(r.answer) == major.get(r.question_type))
+    out = [metric_row("chance:majority", "vqa", q, "accuracy", v) for q, v in sorted(by_q.items())]
     allv = [x for v in by_q.values() for x in v]
     if allv:
-        out.append(dict(backbone="chance:majority", task="vqa", split="all", metric="accuracy",
-                        value=sum(allv) / len(allv), n=len(allv)))
+        out.append(metric_row("chance:majority", "vqa", "all", "accuracy", allv))
     return out

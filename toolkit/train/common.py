@@ -34,6 +34,19 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params: list[torch.nn.Parameter],
+                   grad_clip: float | None = 1.0) -> float:
+    """The one update every training loop makes: backward, clip the global gradient norm, step, schedule.
+    Returns the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def fit_minibatches(params: list[torch.nn.Parameter], batch_loss: Callable[[torch.Tensor], torch.Tensor], n_items: int,
                     batch_size: int, epochs: int, lr: float, weight_decay: float, warmup_steps: int,
                     gen: torch.Generator, desc: str, grad_clip: float = 1.0) -> tuple[int, float]:
@@ -51,14 +64,10 @@ def fit_minibatches(params: list[torch.nn.Parameter], batch_loss: Callable[[torc
         for _ in range(epochs):
             order = torch.randperm(n_items, generator=gen)
             for s in range(steps_per_epoch):
-                loss = batch_loss(order[s * batch_size:(s + 1) * batch_size])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                opt.step()
-                sched.step()
+                loss = optimizer_step(batch_loss(order[s * batch_size:(s + 1) * batch_size]), opt, sched, params,
+                                      grad_clip)
                 bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss:.3f}")
     return total, time.time() - t0
 
 

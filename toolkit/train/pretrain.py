@@ -1,7 +1,7 @@
-"""Matched classification pretraining: one recipe (data, steps, optimizer, augmentation) for every family.
+"""Matched classification pretraining: one recipe (data, steps, optimizer, augmentation, head) for every family.
 
-The embedded world's single-object set stands in for ImageNet-1K: a linear head on each backbone's
-pooled features, AdamW, warm-up + cosine, label smoothing, random flips and shifts.
+The embedded world's single-object set stands in for ImageNet-1K: a classification head on each backbone
+(``PretrainConfig.head``), AdamW, warm-up + cosine, label smoothing, random flips and shifts.
 """
 from __future__ import annotations
 
@@ -55,15 +55,44 @@ def augment(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tens
     return x
 
 
+HEADS = ("tap-max", "pooled")
+
+
+class Classifier(nn.Module):
+    """A backbone with a classification head: images ``(B, 3, H, W)`` -> logits ``(B, n_classes)``.
+
+    ``head="tap-max"``: LayerNorm on the tap tokens ``(B, N, C)``, max over tokens, linear. It trains exactly the
+    tokens the VLM reads (the stages past the tap are skipped), and max pooling lets the loss reach the few tokens
+    that hold the object: a scene object covers 1-5% of the image, and a mean over tokens buries it in the
+    background (with ``"pooled"`` every family sat near the colour-only plateau, ln 6, for hundreds of steps:
+    benchmarks/RESULTS.md). ``head="pooled"``: ``forward_pooled`` (the whole network, mean-pooled last stage, as
+    ImageNet training does) and a linear layer.
+    """
+
+    def __init__(self, backbone: nn.Module, n_classes: int, head: str = "tap-max"):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown pretraining head `{head}`; choose one of {HEADS}")
+        self.backbone, self.kind = backbone, head
+        dim = backbone.embed_dim if head == "tap-max" else backbone.num_features
+        self.norm = nn.LayerNorm(dim) if head == "tap-max" else nn.Identity()
+        self.fc = nn.Linear(dim, n_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.kind == "pooled":
+            return self.fc(self.backbone.forward_pooled(images))
+        return self.fc(self.norm(self.backbone.forward_tokens(images)).amax(dim=1))
+
+
 @torch.no_grad()
-def evaluate_top1(backbone: nn.Module, head: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                  device: torch.device, batch_size: int = 128) -> float:
-    backbone.eval()
-    dc = backbone.data_config
+def evaluate_top1(model: Classifier, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                  batch_size: int = 128) -> float:
+    model.eval()
+    dc = model.backbone.data_config
     correct = 0
     for i in range(0, len(images), batch_size):
         x = normalize(images[i:i + batch_size].to(device), dc.mean, dc.std)
-        correct += (head(backbone.forward_pooled(x)).argmax(-1).cpu() == labels[i:i + batch_size]).sum().item()
+        correct += (model(x).argmax(-1).cpu() == labels[i:i + batch_size]).sum().item()
     return correct / max(1, len(images))
 
 
@@ -72,21 +101,19 @@ def pretrain_backbone(name: str, train: tuple, val: tuple, cfg: PretrainConfig, 
     """Train ``name`` on (images, labels, classes) tuples; save weights (safetensors) and a JSON record."""
     seed_everything(seed)
     images, labels, classes = train
-    backbone = create_backbone(name, **(backbone_overrides or {})).to(device)
-    head = nn.Linear(backbone.num_features, len(classes)).to(device)
+    backbone = create_backbone(name, **(backbone_overrides or {}))
+    model = Classifier(backbone, len(classes), cfg.head).to(device)
     gen = torch.Generator().manual_seed(seed)
     dc = backbone.data_config
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         x = augment(normalize(images[idx].to(device), dc.mean, dc.std), cfg.max_shift, gen)
-        return F.cross_entropy(head(backbone.forward_pooled(x)), labels[idx].to(device),
-                               label_smoothing=cfg.label_smoothing)
+        return F.cross_entropy(model(x), labels[idx].to(device), label_smoothing=cfg.label_smoothing)
 
-    backbone.train()
-    total, train_time = fit_minibatches(list(backbone.parameters()) + list(head.parameters()), batch_loss, len(images),
-                                        cfg.batch_size, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.warmup_steps, gen,
-                                        f"pretrain {name}")
-    top1 = evaluate_top1(backbone, head, val[0], val[1], device)
+    model.train()
+    total, train_time = fit_minibatches(list(model.parameters()), batch_loss, len(images), cfg.batch_size, cfg.epochs,
+                                        cfg.lr, cfg.weight_decay, cfg.warmup_steps, gen, f"pretrain {name}")
+    top1 = evaluate_top1(model, val[0], val[1], device)
     save_safetensors(backbone.state_dict(), out_path)
     record = dict(backbone=name, family=type(backbone).family, top1=top1, n_classes=len(classes), steps=total,
                   train_seconds=round(train_time, 1), params=sum(p.numel() for p in backbone.parameters()),

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from toolkit.config import StageConfig, TrainConfig
 from toolkit.llm import PromptTemplate
-from toolkit.train.common import load_train_state, save_train_state, warmup_cosine
-from toolkit.vlm import VLM
+from toolkit.train.common import load_train_state, optimizer_step, save_train_state, warmup_cosine
+from toolkit.vlm import IGNORE_INDEX, VLM
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Turn:
     image: int
     prompt: str
     answer: str
-    kind: str  # "grounding" | "vqa"
+    kind: str  # "grounding" | "vqa" | "objects"
 
 
 @torch.no_grad()
@@ -42,11 +42,23 @@ def encode_all(vlm: VLM, image_paths: Sequence[str | Path], batch_size: int = 64
     return torch.cat(out)
 
 
-def _sample(turns_by_kind: dict[str, list[Turn]], batch_size: int, grounding_fraction: float,
+def training_mix(cfg: TrainConfig) -> dict[str, float]:
+    """Share of each turn kind in a batch."""
+    rest = 1.0 - cfg.grounding_fraction - cfg.objects_fraction
+    if rest < -1e-9:
+        raise ValueError(f"grounding_fraction + objects_fraction = {1 - rest:.3f} > 1")
+    return {"grounding": cfg.grounding_fraction, "objects": cfg.objects_fraction, "vqa": max(0.0, rest)}
+
+
+def _sample(turns_by_kind: dict[str, list[Turn]], batch_size: int, mix: dict[str, float],
             gen: torch.Generator) -> list[Turn]:
-    kinds = [k for k in ("grounding", "vqa") if turns_by_kind.get(k)]
-    n_g = round(batch_size * grounding_fraction) if len(kinds) == 2 else (batch_size if kinds == ["grounding"] else 0)
-    counts = {"grounding": n_g, "vqa": batch_size - n_g}
+    """A batch drawn with replacement, ``mix`` renormalised over the kinds that have turns."""
+    kinds = [k for k, w in mix.items() if w > 0 and turns_by_kind.get(k)]
+    if not kinds:
+        raise ValueError(f"no training turns of the kinds in the mix {mix}")
+    total = sum(mix[k] for k in kinds)
+    counts = {k: round(batch_size * mix[k] / total) for k in kinds}
+    counts[kinds[0]] += batch_size - sum(counts.values())
     batch = []
     for k in kinds:
         pool = turns_by_kind[k]
@@ -85,18 +97,14 @@ def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: Trai
             step = start_step
         bar = tqdm(total=st.steps, initial=step, desc=f"{vlm.cfg.backbone} {st.name}", unit="step", leave=False)
         while step < st.steps:
-            batch = _sample(by_kind, st.batch_size, cfg.grounding_fraction, gen)
+            batch = _sample(by_kind, st.batch_size, training_mix(cfg), gen)
             feats = features[[t.image for t in batch]].to(device)
-            loss = vlm(feats, [t.prompt for t in batch], [t.answer for t in batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
+            loss = optimizer_step(vlm(feats, [t.prompt for t in batch], [t.answer for t in batch]), opt, sched, params,
+                                  cfg.grad_clip)
             step += 1
-            losses.append(loss.item())
+            losses.append(loss)
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
             if step % cfg.checkpoint_every == 0 and step < st.steps:
                 save_train_state(state_path, stage=si, step=step, losses=losses, trainable=vlm.trainable_state_dict(),
                                  optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=gen.get_state())
@@ -120,13 +128,8 @@ def pretrain_lm_text(lm, tok, template: PromptTemplate, turns: Sequence[Turn], s
         batch = [turns[int(i)] for i in torch.randint(len(turns), (batch_size,), generator=gen)]
         texts = [template.prompt(t.prompt) + " " + t.answer + tok.eos_token for t in batch]
         enc = tok([tok.bos_token + s for s in texts], add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        loss = lm(**enc, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, IGNORE_INDEX)
+        losses.append(optimizer_step(lm(**enc, labels=labels).loss, opt, sched, list(lm.parameters()), grad_clip=None))
     return _tail_mean(losses)
 
 
