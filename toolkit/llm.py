@@ -58,6 +58,10 @@ class LMConfig:
     max_positions: int = 512
     vocab_size: int = 1024
     template: str = "plain"
+    # Weight init std of a fresh LM; None: 1/sqrt(hidden_size). HF's default 0.02 suits widths near 2500 (GPT-2's
+    # choice); at width 64-128 it leaves attention logits near zero, every image token weighted alike, and a fresh
+    # VLM answers the mean box for hundreds of steps (benchmarks/RESULTS.md, "LM init").
+    init_std: float | None = None
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
@@ -121,6 +125,7 @@ def build_lm(cfg: LMConfig, tokenizer=None):
             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
             max_position_embeddings=cfg.max_positions, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+            initializer_range=cfg.init_std or cfg.hidden_size ** -0.5,
         )
         model = LlamaForCausalLM(lcfg)
         init_coordinate_embeddings(model, tokenizer)
