@@ -11,6 +11,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest
 import torch
+
+# One thread per test process: on a busy 2-core machine (CI beside other work) extra threads oversubscribe the
+# cores and training loops stall instead of slowing down.
+torch.set_num_threads(int(os.environ.get("TOOLKIT_TEST_THREADS", "1")))
 from PIL import Image, ImageDraw
 
 from toolkit.llm import LMConfig, train_tokenizer

@@ -77,3 +77,57 @@ def test_connector_layouts(name, n_linear):
 def test_connector_rejects_unknown():
     with pytest.raises(ValueError, match="mlp2x_gelu"):
         connector_depth("mlp7x_relu")
+
+
+def _fit_tiny(state_path):
+    """A small regression through fit_minibatches; its loss draws noise from the sampler generator and dropout from
+    the global RNG, so a resume must restore both (and the epoch's order) to reach the same weights."""
+    import torch.nn.functional as F
+
+    from toolkit.train.common import fit_minibatches
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(0)
+
+    def batch_loss(idx):
+        return F.mse_loss(model(x[idx]), x[idx].sum(1, keepdim=True) + 0.1 * torch.randn(len(idx), 1, generator=gen))
+
+    steps, _, losses = fit_minibatches(list(model.parameters()), batch_loss, 20, 4, 3, 1e-2, 0.0, 2, gen, "tiny",
+                                       state_path=state_path, modules=[model], checkpoint_every=4)
+    assert steps == 15 and len(losses) == 15
+    return model, losses
+
+
+def test_fit_minibatches_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from toolkit.train import common
+
+    ref, ref_losses = _fit_tiny(tmp_path / "straight.state.pt")
+    assert not (tmp_path / "straight.state.pt").exists()
+
+    real_save, calls = common.save_train_state, {"n": 0}
+
+    def crash_after_second_save(path, **state):
+        real_save(path, **state)
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 8: mid-way through the second epoch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "save_train_state", crash_after_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_tiny(tmp_path / "resumed.state.pt")
+    assert common.load_train_state(tmp_path / "resumed.state.pt")["step"] == 8
+    monkeypatch.setattr(common, "save_train_state", real_save)
+    resumed, losses = _fit_tiny(tmp_path / "resumed.state.pt")
+    assert not (tmp_path / "resumed.state.pt").exists()
+    assert losses == pytest.approx(ref_losses)
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_loss_curve_keeps_block_means_at_their_last_step():
+    from toolkit.train.common import loss_curve
+
+    assert loss_curve([4.0, 2.0, 3.0, 1.0, 0.5], points=2) == [[2, 3.0], [4, 2.0], [5, 0.5]]
+    assert len(loss_curve([1.0] * 250)) == 125 and loss_curve([]) == []

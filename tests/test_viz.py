@@ -1,9 +1,11 @@
 """toolkit.viz: maps land on the original image (padding removed), figures build, export writes real files, widgets."""
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import CHROMIUM, RUN_BACKBONES, scan_kernels_available, scene_image, tiny_vlm
@@ -98,3 +100,73 @@ def test_explorer_names_the_extra_when_ipywidgets_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "ipywidgets", None)
     with pytest.raises(ImportError, match="notebooks"):
         widgets.Explorer({})
+
+
+def test_training_curves_draw_a_line_per_backbone_and_skip_missing_curves():
+    from toolkit.viz.results import training_curves
+
+    curve = [[1, 2.0], [2, 1.5], [3, 1.2]]
+    fig = training_curves({"vit-test": {"pretrain": {"loss_curve": curve}, "vlm": {"loss_curve": curve}},
+                           "maxvit-test": {"pretrain": {"top1": 0.5}, "vlm": {"loss_curve": curve[:2]}},
+                           "vmamba-test": {}})
+    assert [(t.name, t.xaxis) for t in fig.data] == [("vit-test", "x"), ("vit-test", "x2"), ("maxvit-test", "x2")]
+    assert list(fig.data[2].x) == [1, 2] and list(fig.data[2].y) == [2.0, 1.5]
+    assert [t.showlegend for t in fig.data] == [True, False, True]  # one legend entry per backbone
+    assert fig.data[0].line.color == fig.data[1].line.color != fig.data[2].line.color
+
+
+def _score_rows():
+    from toolkit.eval.metrics import metric_row
+
+    rows = [metric_row("vit-test", "grounding", s, "acc@0.5", [1, 0, 1, 1]) for s in ("refcoco", "refcocog")]
+    rows += [metric_row("maxvit-test", "grounding", "refcocog", "acc@0.5", [0, 0, 1, 0]),
+             metric_row("vit-test", "grounding", "refcoco", "mean_iou", [0.5, 0.7]),
+             metric_row("vit-test", "vqa", "all", "accuracy", [1, 0]),
+             metric_row("vit-test", "vqa", "color", "accuracy", [1, 1]),
+             metric_row("chance:majority", "vqa", "color", "accuracy", [0, 1]),
+             metric_row("chance:mean-box", "grounding", "refcoco", "acc@0.5", 0.1)]  # a value without an interval
+    return pd.DataFrame(rows)
+
+
+def test_score_bars_group_backbones_with_intervals_and_mark_chance():
+    from toolkit.viz.results import score_bars
+
+    df = _score_rows()
+    fig = score_bars(df)
+    assert [(t.name, t.xaxis) for t in fig.data] == [("vit-test", "x"), ("maxvit-test", "x"), ("chance:mean-box", "x"),
+                                                    ("vit-test", "x2"), ("chance:majority", "x2")]
+    vit = fig.data[0]
+    assert list(vit.x) == ["refcoco", "refcocog"] and list(vit.y) == [0.75, 0.75]
+    row = df[(df.backbone == "vit-test") & (df.split == "refcoco") & (df.metric == "acc@0.5")].iloc[0]
+    assert vit.error_y.array[0] == pytest.approx(row.ci_high - row.value)
+    assert vit.error_y.arrayminus[0] == pytest.approx(row.value - row.ci_low)
+    assert list(fig.data[2].error_y.array) == [None]  # no interval, no error bar
+    for chance in (fig.data[2], fig.data[4]):
+        assert chance.marker.color == "lightgrey" and chance.marker.pattern.shape
+    assert not fig.data[0].marker.pattern.shape
+    assert list(fig.layout.xaxis.categoryarray) == ["refcoco", "refcocog"]
+    assert list(fig.layout.xaxis2.categoryarray) == ["color", "all"]  # the pooled score last
+    assert fig.layout.barmode == "group"
+
+
+def test_write_result_figures_writes_html_and_links_them(tmp_path):
+    from types import SimpleNamespace
+
+    from toolkit.report import write_report, write_result_figures
+
+    (tmp_path / "backbones").mkdir()
+    (tmp_path / "backbones" / "vit-test.json").write_text(json.dumps(dict(top1=0.5, loss_curve=[[1, 2.0], [2, 1.0]])))
+    (tmp_path / "backbones" / "vit-test+dense.json").write_text(json.dumps(dict(miou=0.3, loss_curve=[[1, 3.0]])))
+    (tmp_path / "backbones" / "maxvit-test.json").write_text(json.dumps(dict(top1=0.4)))  # recorded before curves
+    (tmp_path / "vlms" / "vit-test").mkdir(parents=True)
+    (tmp_path / "vlms" / "vit-test" / "train_record.json").write_text(json.dumps(dict(loss_curve=[[5, 1.0]])))
+    rows = _score_rows().to_dict("records")
+    df = write_report(tmp_path, rows, {}, SimpleNamespace(name="t", backbones=("vit-test",), connector="mlp2x_gelu"),
+                      figures=True)
+    written = write_result_figures(tmp_path, df)
+    assert {p.name for p in written} >= {"training_curves.html", "scores.html"}
+    assert all(p.is_file() and p.parent == tmp_path / "figures" for p in written)
+    html = (tmp_path / "figures" / "training_curves.html").read_text()
+    assert "vit-test" in html and "vit-test+dense" not in html  # the segmentation curve is not a pretraining curve
+    md = (tmp_path / "results.md").read_text()
+    assert "## Figures" in md and "(figures/training_curves.html)" in md and "(figures/scores.png)" in md

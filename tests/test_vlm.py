@@ -112,7 +112,7 @@ def test_training_resumes_to_the_same_weights(tokenizer, tmp_path, monkeypatch):
     cfg = TrainConfig(stages=(StageConfig("align", 6, 1e-3, 4, False), StageConfig("finetune", 6, 1e-3, 4, True)),
                       checkpoint_every=2)
     ref = _vlm(tokenizer)
-    train_vlm(ref, feats, turns, cfg, tmp_path / "straight", torch.device("cpu"))
+    ref_record = train_vlm(ref, feats, turns, cfg, tmp_path / "straight", torch.device("cpu"))
 
     real_save, calls = vlm_trainer.save_train_state, {"n": 0}
 
@@ -128,11 +128,47 @@ def test_training_resumes_to_the_same_weights(tokenizer, tmp_path, monkeypatch):
     assert (tmp_path / "resumed" / "train_state.pt").is_file()
     monkeypatch.setattr(vlm_trainer, "save_train_state", real_save)
     resumed = _vlm(tokenizer)
-    train_vlm(resumed, feats, turns, cfg, tmp_path / "resumed", torch.device("cpu"))
+    record = train_vlm(resumed, feats, turns, cfg, tmp_path / "resumed", torch.device("cpu"))
     assert not (tmp_path / "resumed" / "train_state.pt").exists()
+    assert [s for s, _ in record["loss_curve"]] == list(range(1, 13))  # the losses before the crash come back too
+    assert [v for _, v in record["loss_curve"]] == pytest.approx([v for _, v in ref_record["loss_curve"]], abs=1e-3)
     for (k, a), b in zip(ref.trainable_state_dict().items(), resumed.trainable_state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)
 
+
+
+def test_lm_text_warmup_resumes_to_the_same_weights(tokenizer, tmp_path, monkeypatch):
+    from toolkit.llm import TEMPLATES, build_lm
+
+    turns = [Turn(0, "the red square", "[0.10, 0.20, 0.30, 0.40]", "grounding"),
+             Turn(0, "How many red objects?", "2", "vqa")]
+
+    def warm_up(state_path):
+        torch.manual_seed(0)
+        lm, tok = build_lm(TINY_LM, tokenizer)
+        loss = vlm_trainer.pretrain_lm_text(lm, tok, TEMPLATES["vicuna_v11"], turns, 6, 4, 1e-3, torch.device("cpu"),
+                                            state_path=state_path, checkpoint_every=2)
+        return lm, loss
+
+    ref, ref_loss = warm_up(tmp_path / "straight.state.pt")
+    real_save, calls = vlm_trainer.save_train_state, {"n": 0}
+
+    def crash_after_second_save(path, **state):
+        real_save(path, **state)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(vlm_trainer, "save_train_state", crash_after_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        warm_up(tmp_path / "resumed.state.pt")
+    assert (tmp_path / "resumed.state.pt").is_file()
+    monkeypatch.setattr(vlm_trainer, "save_train_state", real_save)
+    resumed, loss = warm_up(tmp_path / "resumed.state.pt")
+    assert not (tmp_path / "resumed.state.pt").exists() and not (tmp_path / "straight.state.pt").exists()
+    assert loss == ref_loss
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
 
 def test_image_position_code_is_saved_and_checked(tokenizer, tmp_path):
     from toolkit.connector import sincos_2d

@@ -15,6 +15,16 @@ def _cmd_demo(a: argparse.Namespace) -> None:
     if a.backbones:
         overrides["backbones"] = tuple(a.backbones.split(","))
     cfg = apply_overrides(preset(a.preset, **overrides), a.set)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    if a.seeds > 1:
+        from toolkit.pipeline import run_seeds
+
+        res = run_seeds(cfg, a.seeds, a.runs, a.cache, make_figures=not a.no_figures)
+        print((res["run_dir"] / "summary.md").read_text())
+        return
     res = run_experiment(cfg, a.runs, a.cache, make_figures=not a.no_figures)
     print_summary(results_frame(res["rows"]))
     print(f"\nReport: {res['run_dir']}/results.md   CSV: {res['run_dir']}/results.csv   "
@@ -50,6 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--runs", default="runs")
     d.add_argument("--cache", default="data_cache")
     d.add_argument("--no-figures", action="store_true")
+    d.add_argument("--seeds", type=int, default=1, help="repeat the comparison over N training seeds: mean +- sd")
+    d.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: every core)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set pretrain.epochs=4 --set train.stages.0.steps=1200")
     d.set_defaults(fn=_cmd_demo)

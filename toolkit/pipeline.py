@@ -17,6 +17,7 @@ import torch
 from toolkit.config import ExperimentConfig, split_spec
 from toolkit.eval.evaluate import (evaluate_grounding, evaluate_vqa, grounding_baselines, summarize,
                                    vqa_baselines)
+from toolkit.eval.metrics import metric_row
 from toolkit.eval.reliance import image_reliance
 from toolkit.llm import TEMPLATES
 from toolkit.registry import backbone_entry
@@ -161,23 +162,22 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         g, q, rel = _evaluate_cached(run_dir / "vlms" / name, refs, vqa, (val_images, val_turns), cfg, device,
                                      VQA_PROMPT)
         rows += summarize(name, g, q)
-        rows += [dict(backbone=name, task="reliance", split="val", metric=k, value=float(v), n=len(val_turns))
-                 for k, v in rel.items()]
+        rows += [metric_row(name, "reliance", "val", k, float(v), len(val_turns)) for k, v in rel.items()]
     train_refs = [r for s in STYLES for r in load_refcoco(world.root, s, "train")]
     rows += grounding_baselines(train_refs, refs, scene_objects(world.root, "val"))
     rows += vqa_baselines(load_vqa_split(world.root, "train"), vqa)
     for name, rec in pre.items():
-        rows.append(dict(backbone=name, task="pretrain", split="val", metric="top1", value=rec["top1"], n=None))
+        rows.append(metric_row(name, "pretrain", "val", "top1", rec["top1"]))
     for name, rec in dense.items():
-        rows += [dict(backbone=name, task="dense", split="val", metric=m, value=rec[m], n=None)
-                 for m in ("miou", "pixel_acc")]
+        rows += [metric_row(name, "dense", "val", m, rec[m]) for m in ("miou", "pixel_acc")]
 
     from toolkit.report import write_report
 
-    write_report(run_dir, rows, pre, cfg)
+    df = write_report(run_dir, rows, pre, cfg, figures=make_figures)
     if make_figures:
-        from toolkit.report import write_figures
+        from toolkit.report import write_figures, write_result_figures
 
+        write_result_figures(run_dir, df)
         write_figures(run_dir, refs, cfg)
     _log(f"done in {time.time() - t_start:.0f} s; report: {run_dir / 'results.md'}")
     return dict(run_dir=run_dir, rows=rows, pretrain=pre)
@@ -191,7 +191,8 @@ def _build_lm_base(cfg: ExperimentConfig, turns: list[Turn], lm_dir: Path, devic
     tok = train_tokenizer(texts, cfg.lm.vocab_size)
     lm, tok = build_lm(replace(cfg.lm, name_or_path=None), tok)
     loss = pretrain_lm_text(lm, tok, TEMPLATES[cfg.lm.template], turns, cfg.train.lm_pretrain_steps,
-                            batch_size=64, lr=2e-3, device=device, seed=cfg.train.seed)
+                            batch_size=64, lr=2e-3, device=device, seed=cfg.train.seed,
+                            state_path=lm_dir.parent / "lm_base.state.pt")
     lm.save_pretrained(str(lm_dir))
     tok.save_pretrained(str(lm_dir))
     _log(f"LM warm-up (text only): {cfg.train.lm_pretrain_steps} steps, final loss {loss}")
@@ -214,3 +215,23 @@ def _evaluate_cached(vlm_dir: Path, refs, vqa, reliance_set, cfg: ExperimentConf
     rel = image_reliance(vlm, feats, turns, cfg.eval.batch_size, seed=cfg.train.seed)
     cache.write_text(json.dumps(dict(grounding=g, vqa=q, reliance=rel)))
     return g, q, rel
+
+
+def run_seeds(cfg: ExperimentConfig, n_seeds: int, runs_root: str | Path = "runs", cache_root: str | Path = "data_cache",
+              make_figures: bool = False) -> dict:
+    """The whole comparison ``n_seeds`` times (``train.seed`` = 0..n-1: pretraining, LM, VLM sampling; the world is
+    shared), each in its own run directory ``<name>-seed<k>``, then mean +- sd over seeds per metric in
+    ``<runs>/<name>-seeds/`` (summary.csv, summary.md). Returns {"run_dir", "summary"}."""
+    import pandas as pd
+
+    from toolkit.report import seed_summary, write_seed_summary
+
+    frames = []
+    for k in range(n_seeds):
+        run = replace(cfg, name=f"{cfg.name}-seed{k}", train=replace(cfg.train, seed=k))
+        _log(f"seed {k + 1} of {n_seeds}")
+        frames.append(pd.DataFrame(run_experiment(run, runs_root, cache_root, make_figures)["rows"]).assign(seed=k))
+    out = Path(runs_root) / f"{cfg.name}-seeds"
+    summary = seed_summary(pd.concat(frames, ignore_index=True))
+    write_seed_summary(out, summary, cfg, n_seeds)
+    return dict(run_dir=out, summary=summary)

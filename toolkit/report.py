@@ -1,8 +1,9 @@
 """Reports of a run: results.csv (one row per backbone x task x split x metric), results.md, figures/."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import pandas as pd
 
@@ -10,6 +11,8 @@ import pandas as pd
 COLUMNS = ["backbone", "task", "split", "metric", "value", "n", "ci_low", "ci_high"]
 COLLAPSE_METRICS = ["box_spread", "top_answer_share", "zero_area_rate"]
 RELIANCE_METRICS = ["loss_true", "loss_shuffled", "token_acc_true", "token_acc_shuffled", "token_acc_drop"]
+RESULT_FIGURES = (("training_curves", "Training loss per backbone: backbone pretraining and VLM training"),
+                  ("scores", "Grounding and VQA scores with their 95% intervals, beside the chance baselines"))
 
 
 def results_frame(rows: Sequence[dict]) -> pd.DataFrame:
@@ -52,7 +55,9 @@ def summary_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
-def write_report(run_dir: Path, rows: Sequence[dict], pretrain: dict, cfg) -> pd.DataFrame:
+def write_report(run_dir: Path, rows: Sequence[dict], pretrain: dict, cfg, figures: bool = False) -> pd.DataFrame:
+    """results.csv and results.md; returns the results frame. ``figures``: link from results.md the figures that
+    ``write_result_figures`` (given that frame) and ``write_figures`` write after this."""
     df = results_frame(rows)
     df.to_csv(run_dir / "results.csv", index=False)
     lines = [f"# Results: {cfg.name}", "",
@@ -61,6 +66,13 @@ def write_report(run_dir: Path, rows: Sequence[dict], pretrain: dict, cfg) -> pd
     lines += reliance_flags(df)
     for title, table in summary_tables(df).items():
         lines += [f"## {title}", "", table.to_markdown(floatfmt=".3f"), ""]
+    if figures:
+        lines += ["## Figures", ""]
+        lines += [f"- {title}: [interactive](figures/{stem}.html), [PNG](figures/{stem}.png)"
+                  for stem, title in RESULT_FIGURES]
+        lines += ["- Box, text-image similarity, LM attention and backbone map side by side for a few val "
+                  "expressions: `figures/side_by_side_*.html`", "",
+                  "PNGs are written only where a Chromium was found (see the run's log).", ""]
     (run_dir / "results.md").write_text("\n".join(lines))
     return df
 
@@ -88,7 +100,7 @@ def write_figures(run_dir: Path, refs: Sequence, cfg) -> list[Path]:
     expressions, one of each style, as PNG (when a Chromium is at hand) and self-contained HTML."""
     from toolkit.interpret import compare
     from toolkit.runs import load_vlms
-    from toolkit.viz.figures import save_figure, side_by_side
+    from toolkit.viz.figures import side_by_side
 
     vlms = load_vlms(run_dir, list(cfg.backbones))
     chosen, seen = [], {}
@@ -98,16 +110,45 @@ def write_figures(run_dir: Path, refs: Sequence, cfg) -> list[Path]:
             seen[r.dataset] = seen.get(r.dataset, 0) + 1
         if len(chosen) == cfg.figure_examples:
             break
-    out_dir = run_dir / "figures"
+
+    def figures():  # built one at a time: each holds every backbone's maps
+        for i, r in enumerate(chosen):
+            fig = side_by_side(compare(vlms, r.image_path, r.expression, gt_box=r.box_xyxy))
+            fig.update_layout(title=f"{r.dataset}: \u201c{r.expression}\u201d")
+            yield fig, f"side_by_side_{i:02d}"
+
+    return _save_figures(figures(), run_dir / "figures")
+
+
+def write_result_figures(run_dir: Path, df: pd.DataFrame) -> list[Path]:
+    """Training curves (from the pretraining records in ``backbones/`` and each VLM's ``train_record.json``) and the
+    score bars of ``df``, as self-contained HTML and PNG (when a Chromium is at hand)."""
+    from toolkit.config import split_spec
+    from toolkit.viz.results import score_bars, training_curves
+
+    records: dict[str, dict] = {}
+    for path in sorted((run_dir / "backbones").glob("*.json")):
+        rec = json.loads(path.read_text())
+        # a dense-tuned record's curve is a segmentation loss, not comparable with the classification pretraining
+        if "loss_curve" in rec and not split_spec(path.stem)[1]:
+            records.setdefault(path.stem, {})["pretrain"] = rec
+    for path in sorted((run_dir / "vlms").glob("*/train_record.json")):
+        records.setdefault(path.parent.name, {})["vlm"] = json.loads(path.read_text())
+    return _save_figures([(training_curves(records), "training_curves"), (score_bars(df), "scores")],
+                         run_dir / "figures")
+
+
+def _save_figures(figures: Iterable, out_dir: Path) -> list[Path]:
+    """(figure, file stem) pairs -> ``out_dir/<stem>.html`` and ``.png``; PNG export is skipped, with one message,
+    once it fails (no browser for kaleido), since it would fail for every figure."""
+    from toolkit.viz.figures import save_figure
+
     written, png_error = [], None
-    for i, r in enumerate(chosen):
-        fig = side_by_side(compare(vlms, r.image_path, r.expression, gt_box=r.box_xyxy))
-        fig.update_layout(title=f"{r.dataset}: \u201c{r.expression}\u201d")
-        stem = out_dir / f"side_by_side_{i:02d}"
-        written.append(save_figure(fig, stem.with_suffix(".html")))
-        if png_error is None:  # what failed once (no browser for kaleido) fails for every figure
+    for fig, stem in figures:
+        written.append(save_figure(fig, out_dir / f"{stem}.html"))
+        if png_error is None:
             try:
-                written.append(save_figure(fig, stem.with_suffix(".png")))
+                written.append(save_figure(fig, out_dir / f"{stem}.png"))
             except Exception as e:  # the HTML still holds the figure
                 png_error = e
     if png_error is not None:
@@ -115,3 +156,49 @@ def write_figures(run_dir: Path, refs: Sequence, cfg) -> list[Path]:
         print(f"PNG export skipped ({type(png_error).__name__}: {reason}); the figures are HTML in {out_dir}. "
               "For PNGs: `make chromium`, then run again.")
     return written
+
+
+def seed_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of several seeds (a ``seed`` column) -> mean, sd and count per backbone x task x split x metric."""
+    g = df.groupby(["backbone", "task", "split", "metric"], sort=False).value
+    return g.agg(mean="mean", sd="std", seeds="count").reset_index()
+
+
+def separable_pairs(summary: pd.DataFrame, task: str, metric: str) -> list[str]:
+    """Pairs of (non-chance) backbones whose mean differs by more than twice the standard error of the difference
+    over seeds, per split: the differences larger than the seed-to-seed noise."""
+    sub = summary[(summary.task == task) & (summary.metric == metric) & ~summary.backbone.str.startswith("chance:")]
+    out = []
+    for split, rows in sub.groupby("split", sort=False):
+        rows = rows.set_index("backbone")
+        names = list(rows.index)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                ra, rb = rows.loc[a], rows.loc[b]
+                se = (ra.sd ** 2 / ra.seeds + rb.sd ** 2 / rb.seeds) ** 0.5
+                if pd.notna(se) and abs(ra["mean"] - rb["mean"]) > 2 * se:
+                    hi, lo = (a, b) if ra["mean"] > rb["mean"] else (b, a)
+                    out.append(f"{split}: {hi} > {lo} ({max(ra['mean'], rb['mean']):.3f} vs "
+                               f"{min(ra['mean'], rb['mean']):.3f}, 2 SE = {2 * se:.3f})")
+    return out
+
+
+def write_seed_summary(out_dir: Path, summary: pd.DataFrame, cfg, n_seeds: int) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(out_dir / "summary.csv", index=False)
+    lines = [f"# Results over {n_seeds} seeds: {cfg.name}", "",
+             "mean +- sd over seeds (train.seed = 0..n-1; one shared world).", ""]
+    shown = summary.assign(shown=[f"{m:.3f} +- {s:.3f}" if pd.notna(s) else f"{m:.3f}"
+                                  for m, s in zip(summary["mean"], summary.sd)])
+    for title, task, metric in (("Grounding Acc@IoU>=0.5", "grounding", "acc@0.5"),
+                                ("Grounding mean IoU", "grounding", "mean_iou"),
+                                ("VQA exact-match accuracy", "vqa", "accuracy"),
+                                ("Backbone pretraining top-1", "pretrain", "top1")):
+        sub = shown[(shown.task == task) & (shown.metric == metric)]
+        if len(sub):
+            table = sub.pivot_table(index="backbone", columns="split", values="shown", aggfunc="first", sort=False)
+            lines += [f"## {title}", "", table.to_markdown(), ""]
+    pairs = separable_pairs(summary, "grounding", "acc@0.5") + separable_pairs(summary, "vqa", "accuracy")
+    lines += ["## Differences larger than the seed-to-seed noise (|difference| > 2 SE)", ""]
+    lines += [f"- {p}" for p in pairs] or ["None: every difference between backbones is within the noise."]
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")

@@ -1,11 +1,11 @@
-"""Pieces every training loop shares: device choice, schedules, seeding, atomic train-state files."""
+"""Pieces every training loop shares: device choice, schedules, seeding, atomic train-state files, loss curves."""
 from __future__ import annotations
 
 import math
 import random
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -49,26 +49,68 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params
 
 def fit_minibatches(params: list[torch.nn.Parameter], batch_loss: Callable[[torch.Tensor], torch.Tensor], n_items: int,
                     batch_size: int, epochs: int, lr: float, weight_decay: float, warmup_steps: int,
-                    gen: torch.Generator, desc: str, grad_clip: float = 1.0) -> tuple[int, float]:
+                    gen: torch.Generator, desc: str, grad_clip: float = 1.0, state_path: Path | None = None,
+                    modules: Sequence[torch.nn.Module] = (),
+                    checkpoint_every: int = 100) -> tuple[int, float, list[float]]:
     """The supervised recipe the backbone trainers share: AdamW, warm-up + cosine, gradient clipping, ``epochs``
     passes over shuffled mini-batches (the last partial batch dropped). ``batch_loss(idx)`` returns the loss of
-    items ``idx``. Returns (steps, seconds)."""
+    items ``idx``. Returns (steps, seconds, per-step losses).
+
+    With ``state_path``, the state of ``modules`` (whatever holds ``params``), optimizer, scheduler, ``gen``, the
+    global torch RNG and the epoch's order is saved there every ``checkpoint_every`` steps; a restart picks it up and
+    reaches the same weights, and the file is removed at the end. ``gen`` is saved mid-epoch (``batch_loss`` may
+    draw from it too), so the epoch's order is saved with it rather than redrawn."""
     from tqdm.auto import tqdm
 
+    if state_path is not None and not modules:
+        raise ValueError("resuming needs the modules whose state to save: pass `modules`")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, n_items // batch_size)
     total = epochs * steps_per_epoch
     sched = warmup_cosine(opt, warmup_steps, total)
+    step, losses, order = 0, [], None
+    state = load_train_state(state_path) if state_path is not None else None
+    if state is not None:
+        for m, sd in zip(modules, state["modules"]):
+            m.load_state_dict(sd)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        step, losses, order = state["step"], list(state["losses"]), state["order"]
     t0 = time.time()
-    with tqdm(total=total, desc=desc, unit="step", leave=False) as bar:
-        for _ in range(epochs):
-            order = torch.randperm(n_items, generator=gen)
-            for s in range(steps_per_epoch):
-                loss = optimizer_step(batch_loss(order[s * batch_size:(s + 1) * batch_size]), opt, sched, params,
-                                      grad_clip)
-                bar.update()
-                bar.set_postfix(loss=f"{loss:.3f}")
-    return total, time.time() - t0
+    with tqdm(total=total, initial=step, desc=desc, unit="step", leave=False) as bar:
+        while step < total:
+            s = step % steps_per_epoch
+            if s == 0:
+                order = torch.randperm(n_items, generator=gen)
+            loss = optimizer_step(batch_loss(order[s * batch_size:(s + 1) * batch_size]), opt, sched, params,
+                                  grad_clip)
+            step += 1
+            losses.append(loss)
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if state_path is not None and step % checkpoint_every == 0 and step < total:
+                save_train_state(state_path, step=step, losses=losses, order=order,
+                                 modules=[m.state_dict() for m in modules], optimizer=opt.state_dict(),
+                                 scheduler=sched.state_dict(), rng=gen.get_state(), torch_rng=torch.get_rng_state(),
+                                 cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)
+    return total, time.time() - t0, losses
+
+
+def loss_curve(losses: Sequence[float], points: int = 100) -> list[list[float]]:
+    """Per-step losses -> ``[[step, mean loss of the block ending there], ...]`` in blocks of
+    ``max(1, len // points)`` steps: a JSON record keeps the curve's shape in under ``2 * points`` entries."""
+    block = max(1, len(losses) // points)
+    curve = []
+    for i in range(0, len(losses), block):
+        chunk = losses[i:i + block]
+        curve.append([i + len(chunk), round(sum(chunk) / len(chunk), 4)])
+    return curve
 
 
 def save_train_state(path: Path, **state) -> None:

@@ -20,7 +20,7 @@ from toolkit.checkpoints import load_state_dict_file, save_safetensors
 from toolkit.config import DenseConfig
 from toolkit.data.formats import IGNORE_INDEX, load_coco_semantic
 from toolkit.registry import create_backbone
-from toolkit.train.common import fit_minibatches, seed_everything
+from toolkit.train.common import fit_minibatches, loss_curve, seed_everything
 from toolkit.train.pretrain import load_images, normalize
 
 
@@ -87,14 +87,15 @@ def dense_tune_backbone(name: str, init_weights: str | Path, world_root: str | P
         return F.cross_entropy(head(backbone.forward_tokens(x), grid, label_hw), y, ignore_index=IGNORE_INDEX)
 
     backbone.train()
-    steps, seconds = fit_minibatches(list(backbone.parameters()) + list(head.parameters()), batch_loss, len(images),
-                                     cfg.batch_size, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.warmup_steps, gen,
-                                     f"dense-tune {name}")
+    steps, seconds, losses = fit_minibatches(list(backbone.parameters()) + list(head.parameters()), batch_loss,
+                                             len(images), cfg.batch_size, cfg.epochs, cfg.lr, cfg.weight_decay,
+                                             cfg.warmup_steps, gen, f"dense-tune {name}",
+                                             state_path=out_path.with_suffix(".state.pt"), modules=[backbone, head])
     val_images, val_labels, _ = load_segmentation_split(world_root, "val", label_hw)
     scores = segmentation_scores(backbone, head, val_images, val_labels, device, n_classes)
     save_safetensors(backbone.state_dict(), out_path)
     record = dict(backbone=name, family=type(backbone).family, task="semantic segmentation",
-                  classes=["background", *names], label_hw=list(label_hw), init=str(init_weights), steps=steps, train_seconds=round(seconds, 1),
-                  **scores, recipe=asdict(cfg))
+                  classes=["background", *names], label_hw=list(label_hw), init=str(init_weights), steps=steps,
+                  train_seconds=round(seconds, 1), **scores, recipe=asdict(cfg), loss_curve=loss_curve(losses))
     out_path.with_suffix(".json").write_text(json.dumps(record, indent=2))
     return record

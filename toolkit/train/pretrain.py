@@ -18,7 +18,7 @@ from PIL import Image
 from toolkit.checkpoints import save_safetensors
 from toolkit.config import PretrainConfig
 from toolkit.registry import create_backbone
-from toolkit.train.common import fit_minibatches, seed_everything
+from toolkit.train.common import fit_minibatches, loss_curve, seed_everything
 
 
 def load_image_folder(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -111,12 +111,14 @@ def pretrain_backbone(name: str, train: tuple, val: tuple, cfg: PretrainConfig, 
         return F.cross_entropy(model(x), labels[idx].to(device), label_smoothing=cfg.label_smoothing)
 
     model.train()
-    total, train_time = fit_minibatches(list(model.parameters()), batch_loss, len(images), cfg.batch_size, cfg.epochs,
-                                        cfg.lr, cfg.weight_decay, cfg.warmup_steps, gen, f"pretrain {name}")
+    total, train_time, losses = fit_minibatches(list(model.parameters()), batch_loss, len(images), cfg.batch_size,
+                                                cfg.epochs, cfg.lr, cfg.weight_decay, cfg.warmup_steps, gen,
+                                                f"pretrain {name}", state_path=out_path.with_suffix(".state.pt"),
+                                                modules=[model])
     top1 = evaluate_top1(model, val[0], val[1], device)
     save_safetensors(backbone.state_dict(), out_path)
     record = dict(backbone=name, family=type(backbone).family, top1=top1, n_classes=len(classes), steps=total,
                   train_seconds=round(train_time, 1), params=sum(p.numel() for p in backbone.parameters()),
-                  recipe=asdict(cfg))
+                  recipe=asdict(cfg), loss_curve=loss_curve(losses))
     out_path.with_suffix(".json").write_text(json.dumps(record, indent=2))
     return record

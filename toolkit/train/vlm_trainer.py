@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from toolkit.config import StageConfig, TrainConfig
 from toolkit.llm import PromptTemplate
-from toolkit.train.common import load_train_state, optimizer_step, save_train_state, warmup_cosine
+from toolkit.train.common import load_train_state, loss_curve, optimizer_step, save_train_state, warmup_cosine
 from toolkit.vlm import IGNORE_INDEX, VLM
 
 
@@ -112,24 +112,40 @@ def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: Trai
         state = None
     vlm.save(out_dir)
     state_path.unlink(missing_ok=True)
-    return dict(seconds=round(time.time() - t0, 1), steps=sum(s.steps for s in stages), final_loss=_tail_mean(losses))
+    return dict(seconds=round(time.time() - t0, 1), steps=sum(s.steps for s in stages), final_loss=_tail_mean(losses),
+                loss_curve=loss_curve(losses))
 
 
 def pretrain_lm_text(lm, tok, template: PromptTemplate, turns: Sequence[Turn], steps: int, batch_size: int, lr: float,
-                     device: torch.device, seed: int = 0) -> float:
+                     device: torch.device, seed: int = 0, state_path: Path | None = None,
+                     checkpoint_every: int = 100) -> float:
     """Text-only warm-up of a fresh LM on the world's prompts and answers (no image tokens), shared by all
-    backbones so every VLM starts from the same language model. Returns the mean loss of the last steps."""
+    backbones so every VLM starts from the same language model. Returns the mean loss of the last steps.
+    With ``state_path``, resumable as ``train_vlm`` is (the file is removed at the end)."""
     lm = lm.to(device).train()
     opt = torch.optim.AdamW(lm.parameters(), lr=lr)
     sched = warmup_cosine(opt, max(1, steps // 20), steps)
     gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in tqdm(range(steps), desc="LM warm-up (text only)", unit="step", leave=False):
+    start, losses = 0, []
+    state = load_train_state(state_path) if state_path is not None else None
+    if state is not None:
+        lm.load_state_dict(state["lm"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["rng"])
+        start, losses = state["step"], list(state["losses"])
+    for step in tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc="LM warm-up (text only)",
+                     unit="step", leave=False):
         batch = [turns[int(i)] for i in torch.randint(len(turns), (batch_size,), generator=gen)]
         texts = [template.prompt(t.prompt) + " " + t.answer + tok.eos_token for t in batch]
         enc = tok([tok.bos_token + s for s in texts], add_special_tokens=False, padding=True, return_tensors="pt").to(device)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, IGNORE_INDEX)
         losses.append(optimizer_step(lm(**enc, labels=labels).loss, opt, sched, list(lm.parameters()), grad_clip=None))
+        if state_path is not None and step % checkpoint_every == 0 and step < steps:
+            save_train_state(state_path, step=step, losses=losses, lm=lm.state_dict(), optimizer=opt.state_dict(),
+                             scheduler=sched.state_dict(), rng=gen.get_state())
+    if state_path is not None:
+        state_path.unlink(missing_ok=True)
     return _tail_mean(losses)
 
 
