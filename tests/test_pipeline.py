@@ -2,6 +2,7 @@
 then a second call that must reuse everything it finds on disk."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 
@@ -28,9 +29,9 @@ def test_report_has_one_row_per_backbone_task_metric(smoke_run):
     df = pd.read_csv(run / "results.csv")
     for bb in cfg.backbones:
         mine = df[df.backbone == bb]
-        # a dense-tuned spec reports its segmentation scores; its pretraining row is its base's
-        assert set(mine.task) == ({"dense", "grounding", "vqa", "reliance"} if bb.endswith("+dense") else
-                                  {"pretrain", "grounding", "vqa", "reliance"})
+        # a dense-tuned spec reports its segmentation scores; pretraining rows are per registry backbone
+        own = {"dense"} if bb.endswith("+dense") else set() if "@" in bb else {"pretrain"}
+        assert set(mine.task) == own | {"grounding", "vqa", "reliance"}
         g = mine[mine.task == "grounding"]
         assert set(g.split) == {"refcoco", "refcoco+", "refcocog"}
         assert {"acc@0.5", "invalid_rate", "mean_iou", "top_answer_share"} <= set(g.metric)
@@ -38,11 +39,13 @@ def test_report_has_one_row_per_backbone_task_metric(smoke_run):
         assert scored.ci_low.notna().all() and (scored.ci_low <= scored.value).all() \
             and (scored.value <= scored.ci_high).all()
         rel = mine[mine.task == "reliance"].set_index("metric").value
-        assert {"loss_true", "loss_shuffled", "token_acc_true", "token_acc_shuffled", "token_acc_drop"} <= set(rel.index)
+        assert {"loss_true", "loss_shuffled", "loss_gain", "token_acc_true", "token_acc_shuffled",
+                "token_acc_drop"} <= set(rel.index)
         assert mine[mine.task != "reliance"].value.dropna().between(0, 1).all()
     assert {"chance:mean-box", "chance:random-object", "chance:majority"} <= set(df.backbone)
     assert not df.duplicated(["backbone", "task", "split", "metric"]).any()
     assert set(df[df.task == "dense"].metric) == {"miou", "pixel_acc"}
+    assert json.loads((run / "vlms" / "vit-test@mlp3x_gelu" / "config.json").read_text())["connector"] == "mlp3x_gelu"
     report = (run / "results.md").read_text()
     for section in ("Grounding Acc@IoU>=0.5", "Image reliance", "Collapse diagnostics"):
         assert section in report
@@ -113,3 +116,17 @@ def test_only_differences_beyond_twice_the_standard_error_count():
 
     pairs = separable_pairs(seed_summary(pd.DataFrame(rows)), "grounding", "acc@0.5")
     assert len(pairs) == 2 and all(" > b " in p for p in pairs)  # a and c beat b; a vs c is noise
+
+
+@pytest.mark.slow
+def test_a_run_finds_its_models_and_examples_from_any_directory(smoke_run, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from toolkit.interpret import example_images
+    from toolkit.runs import load_vlms
+
+    run = smoke_run[2]["run_dir"].resolve()
+    monkeypatch.chdir(tmp_path)
+    examples = example_images(run)
+    assert examples and all(Path(e.image).is_file() for e in examples)
+    assert set(smoke_run[0].backbones) <= set(load_vlms(run))  # a run may have grown by backbones

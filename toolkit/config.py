@@ -28,6 +28,16 @@ class PretrainConfig:
 DENSE = "+dense"  # backbone spec suffix: the backbone after dense-task tuning (toolkit.train.dense)
 
 
+CONNECTOR_SEP = "@"  # VLM spec suffix naming its connector: "vit-scene-128+dense@mlp3x_gelu"
+
+
+def split_vlm_spec(spec: str) -> tuple[str, str | None]:
+    """``"vit-scene-128+dense@mlp3x_gelu"`` -> (``"vit-scene-128+dense"``, ``"mlp3x_gelu"``): the backbone spec and
+    the connector (None: the experiment's ``connector``)."""
+    backbone, sep, connector = spec.partition(CONNECTOR_SEP)
+    return backbone, (connector if sep else None)
+
+
 def split_spec(spec: str) -> tuple[str, bool]:
     """``"vit-scene-128+dense"`` -> (``"vit-scene-128"``, True): registry name and whether it is dense-tuned."""
     return (spec[: -len(DENSE)], True) if spec.endswith(DENSE) else (spec, False)
@@ -50,7 +60,7 @@ class StageConfig:
     """One VLM training stage. ``align`` trains the connector; ``finetune`` connector and LM (Prismatic)."""
 
     name: str = "finetune"
-    steps: int = 1200
+    steps: int = 2000
     lr: float = 3e-3
     batch_size: int = 32
     train_lm: bool = True
@@ -112,7 +122,7 @@ class ExperimentConfig:
 def _preset_smoke() -> ExperimentConfig:
     """Seconds-long run over tiny models: the test suite's end-to-end check."""
     return ExperimentConfig(
-        name="smoke", backbones=("vit-test", "vmamba-test", "vmamba-test+dense"),
+        name="smoke", backbones=("vit-test", "vmamba-test", "vmamba-test+dense", "vit-test@mlp3x_gelu"),
         lm=LMConfig(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=128, vocab_size=600),
         world=dict(image_size=32, n_train=120, n_val=30, n_test=10, n_cls_train=240, n_cls_val=48),
         pretrain=PretrainConfig(epochs=1, batch_size=32, warmup_steps=2, max_shift=2),
@@ -129,6 +139,14 @@ def _preset_embedded_dense() -> ExperimentConfig:
     """The embedded comparison grown by each family's dense-tuned variant (the study's COCO/ADE20K backbones)."""
     base = ExperimentConfig()
     return replace(base, name="embedded-dense", backbones=base.backbones + tuple(b + DENSE for b in base.backbones))
+
+
+def _preset_embedded_ablation() -> ExperimentConfig:
+    """The study's ablation in miniature: for every family, plain vs dense-tuned backbone x 2- vs 3-layer connector
+    (16 VLMs on 4 pretrained and 4 dense-tuned backbones)."""
+    base = ExperimentConfig()
+    specs = tuple(f"{b}{d}{c}" for b in base.backbones for d in ("", DENSE) for c in ("", CONNECTOR_SEP + "mlp3x_gelu"))
+    return replace(base, name="embedded-ablation", backbones=specs)
 
 
 def _preset_embedded_hard() -> ExperimentConfig:
@@ -149,7 +167,8 @@ def _preset_gpu() -> ExperimentConfig:
 
 
 PRESETS = {"embedded": ExperimentConfig, "embedded-dense": _preset_embedded_dense,
-           "embedded-hard": _preset_embedded_hard, "smoke": _preset_smoke,
+           "embedded-hard": _preset_embedded_hard, "embedded-ablation": _preset_embedded_ablation,
+           "smoke": _preset_smoke,
            "gpu": _preset_gpu}
 
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from toolkit.config import ExperimentConfig, split_spec
+from toolkit.config import ExperimentConfig, split_spec, split_vlm_spec
+from toolkit.connector import connector_depth
 from toolkit.eval.evaluate import (evaluate_grounding, evaluate_vqa, grounding_baselines, summarize,
                                    vqa_baselines)
 from toolkit.eval.metrics import metric_row
@@ -96,7 +98,11 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     _log(f"scene world ready at {world.root}")
 
     # 1. matched backbone pretraining on the classification set, then dense-task tuning where a spec asks for it
-    specs = {spec: split_spec(spec) for spec in cfg.backbones}
+    vlm_specs = {spec: split_vlm_spec(spec) for spec in cfg.backbones}  # VLM -> (backbone spec, connector)
+    specs = {w: split_spec(w) for w, _ in vlm_specs.values()}  # backbone spec -> (registry name, dense-tuned)
+    for _, conn in vlm_specs.values():
+        if conn is not None:
+            connector_depth(conn)  # an unknown connector fails here too
     for base, _ in specs.values():
         backbone_entry(base)  # an unknown name fails here, before any training
     pre, dense = {}, {}
@@ -136,13 +142,13 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
             _build_lm_base(cfg, turns, lm_dir, device)
         lm_cfg = replace(cfg.lm, name_or_path=str(lm_dir))
 
-    # 3. one VLM per backbone
-    for name, (base, _) in specs.items():
+    # 3. one VLM per spec (backbone spec and connector)
+    for name, (weights, conn) in vlm_specs.items():
         out = run_dir / "vlms" / name
         if (out / "config.json").is_file():
             continue
-        vcfg = VLMConfig(backbone=base, connector=cfg.connector, lm=lm_cfg, image_pos=cfg.image_pos,
-                         backbone_weights=str(run_dir / "backbones" / f"{name}.safetensors"))
+        vcfg = VLMConfig(backbone=specs[weights][0], connector=conn or cfg.connector, lm=lm_cfg, image_pos=cfg.image_pos,
+                         backbone_weights=str(run_dir / "backbones" / f"{weights}.safetensors"))
         vlm = VLM.build(vcfg).to(device)
         feats = encode_all(vlm, train_images, desc=f"encode {name}")
         rec = train_vlm(vlm, feats, turns, cfg.train, out, device)
@@ -159,8 +165,8 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     val_turns = [val_turns[int(i)] for i in order[: cfg.eval.max_reliance]]
     rows = []
     for name in cfg.backbones:
-        g, q, rel = _evaluate_cached(run_dir / "vlms" / name, refs, vqa, (val_images, val_turns), cfg, device,
-                                     VQA_PROMPT)
+        g, q, rel = _evaluate_cached(run_dir / "vlms" / name, refs, vqa, (val_images, val_turns), world.root, cfg,
+                                     device, VQA_PROMPT)
         rows += summarize(name, g, q)
         rows += [metric_row(name, "reliance", "val", k, float(v), len(val_turns)) for k, v in rel.items()]
     train_refs = [r for s in STYLES for r in load_refcoco(world.root, s, "train")]
@@ -198,9 +204,11 @@ def _build_lm_base(cfg: ExperimentConfig, turns: list[Turn], lm_dir: Path, devic
     _log(f"LM warm-up (text only): {cfg.train.lm_pretrain_steps} steps, final loss {loss}")
 
 
-def _evaluate_cached(vlm_dir: Path, refs, vqa, reliance_set, cfg: ExperimentConfig, device, vqa_prompt: str):
+def _evaluate_cached(vlm_dir: Path, refs, vqa, reliance_set, world_root: Path, cfg: ExperimentConfig, device,
+                     vqa_prompt: str):
     """Per-example evaluation results and the image-reliance check, cached next to the VLM and keyed by the eval
-    config and weights."""
+    config and weights. The cache names its images relative to the world (``image_path``) and the world relative
+    to the VLM's directory (``world_root``), so a run moved together with its data cache still finds them."""
     key = hashlib.sha1(json.dumps([cfg.eval.__dict__, len(refs), len(vqa), len(reliance_set[1]),
                                    (vlm_dir / "model.safetensors").stat().st_mtime_ns]).encode()).hexdigest()[:12]
     cache = vlm_dir / f"eval_val_{key}.json"
@@ -213,7 +221,9 @@ def _evaluate_cached(vlm_dir: Path, refs, vqa, reliance_set, cfg: ExperimentConf
     images, turns = reliance_set
     feats = encode_all(vlm, images, desc=f"encode val {vlm_dir.name}")
     rel = image_reliance(vlm, feats, turns, cfg.eval.batch_size, seed=cfg.train.seed)
-    cache.write_text(json.dumps(dict(grounding=g, vqa=q, reliance=rel)))
+    stored = [dict(r, image_path=os.path.relpath(r["image_path"], world_root)) for r in g]
+    cache.write_text(json.dumps(dict(grounding=stored, vqa=q, reliance=rel,
+                                     world_root=os.path.relpath(world_root, vlm_dir))))
     return g, q, rel
 
 

@@ -10,7 +10,8 @@ import pandas as pd
 
 COLUMNS = ["backbone", "task", "split", "metric", "value", "n", "ci_low", "ci_high"]
 COLLAPSE_METRICS = ["box_spread", "top_answer_share", "zero_area_rate"]
-RELIANCE_METRICS = ["loss_true", "loss_shuffled", "token_acc_true", "token_acc_shuffled", "token_acc_drop"]
+RELIANCE_METRICS = ["loss_true", "loss_shuffled", "loss_gain", "token_acc_true", "token_acc_shuffled",
+                    "token_acc_drop"]
 RESULT_FIGURES = (("training_curves", "Training loss per backbone: backbone pretraining and VLM training"),
                   ("scores", "Grounding and VQA scores with their 95% intervals, beside the chance baselines"))
 
@@ -79,15 +80,18 @@ def write_report(run_dir: Path, rows: Sequence[dict], pretrain: dict, cfg, figur
 
 def reliance_flags(df: pd.DataFrame) -> list[str]:
     """Report lines naming every VLM whose answers do not depend on its image (see toolkit.eval.reliance)."""
-    from toolkit.eval.reliance import RELIANCE_MIN_DROP
+    from toolkit.eval.reliance import RELIANCE_MIN_LOSS_GAIN as gain
 
-    drop = df[(df.task == "reliance") & (df.metric == "token_acc_drop")].set_index("backbone").value
-    blind = [b for b, v in drop.items() if v < RELIANCE_MIN_DROP]
+    rel = df[df.task == "reliance"]
+    if rel.empty or "loss_gain" not in set(rel.metric):
+        return []
+    loss_gain = rel[rel.metric == "loss_gain"].set_index("backbone").value
+    blind = [b for b, v in loss_gain.items() if v < gain]
     if not blind:
-        return [f"Every VLM depends on its image: answer-token accuracy drops by at least {RELIANCE_MIN_DROP} "
-                "when its image tokens are swapped for another scene's.", ""] if len(drop) else []
-    return [f"**Flagged: {', '.join(blind)} barely depend(s) on the image** (answer-token accuracy drops by less "
-            f"than {RELIANCE_MIN_DROP} with another scene's image tokens): their scores come from the text alone.", ""]
+        return [f"Every VLM depends on its image: with another scene's image tokens its answer loss rises by "
+                f"{loss_gain.min():.2f}-{loss_gain.max():.2f} nats per token (flagged below {gain}).", ""]
+    return [f"**Flagged: {', '.join(blind)} barely depend(s) on the image** (answer loss rises by less than {gain} "
+            "nats per token with another scene's image tokens): their scores come from the text alone.", ""]
 
 
 def print_summary(df: pd.DataFrame) -> None:

@@ -122,16 +122,19 @@ class Example:
 def example_images(run_dir: str | Path, limit: int = 8) -> list[Example]:
     """Scene-world val examples of a run (the referring expressions its evaluation scored), [] when it has none.
 
-    They are read from the per-example evaluation records under ``vlms/*/eval_val_*.json``; images that are no
-    longer on disk are left out.
+    They are read from the per-example evaluation records under ``vlms/*/eval_val_*.json`` (image paths relative to
+    the world, the world relative to the VLM's directory); images that are no longer on disk are left out.
     """
     out: dict[str, Example] = {}
     for f in sorted(Path(run_dir).glob("vlms/*/eval_val_*.json")):
-        for r in json.loads(f.read_text()).get("grounding", []):
+        record = json.loads(f.read_text())
+        root = f.parent / record["world_root"] if "world_root" in record else Path()
+        for r in record.get("grounding", []):
             if len(out) == limit:
                 return list(out.values())
-            if r["image_path"] not in out and Path(r["image_path"]).is_file():
-                out[r["image_path"]] = Example(r["image_path"], r["expression"], tuple(r["gt_box"]))
+            path = str(root / r["image_path"])
+            if path not in out and Path(path).is_file():
+                out[path] = Example(path, r["expression"], tuple(r["gt_box"]))
         if out:  # every VLM of a run is scored on the same examples
             break
     return list(out.values())
