@@ -12,6 +12,13 @@ COLUMNS = ["backbone", "task", "split", "metric", "value", "n", "ci_low", "ci_hi
 COLLAPSE_METRICS = ["box_spread", "top_answer_share", "zero_area_rate"]
 RELIANCE_METRICS = ["loss_true", "loss_shuffled", "loss_gain", "token_acc_true", "token_acc_shuffled",
                     "token_acc_drop"]
+# (title, task, metric, shown with its interval): the score tables of results.md and of the seed summary.
+SCORE_TABLES = (("Grounding Acc@IoU>=0.5", "grounding", "acc@0.5", True),
+                ("Grounding mean IoU", "grounding", "mean_iou", True),
+                ("Grounding invalid-answer rate", "grounding", "invalid_rate", False),
+                ("VQA exact-match accuracy", "vqa", "accuracy", True),
+                ("Backbone pretraining top-1 (classification set)", "pretrain", "top1", False),
+                ("Dense-task tuning: segmentation mIoU (val scenes)", "dense", "miou", False))
 RESULT_FIGURES = (("training_curves", "Training loss per backbone: backbone pretraining and VLM training"),
                   ("scores", "Grounding and VQA scores with their 95% intervals, beside the chance baselines"))
 
@@ -30,12 +37,7 @@ def summary_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Pivoted views: grounding Acc@0.5, mean IoU and invalid rate per style, VQA accuracy per type (scores with
     their 95% bootstrap interval), pretraining top-1, dense mIoU, and the collapse diagnostics."""
     out = {}
-    for title, task, metric, interval in (("Grounding Acc@IoU>=0.5", "grounding", "acc@0.5", True),
-                                          ("Grounding mean IoU", "grounding", "mean_iou", True),
-                                          ("Grounding invalid-answer rate", "grounding", "invalid_rate", False),
-                                          ("VQA exact-match accuracy", "vqa", "accuracy", True),
-                                          ("Backbone pretraining top-1 (classification set)", "pretrain", "top1", False),
-                                          ("Dense-task tuning: segmentation mIoU (val scenes)", "dense", "miou", False)):
+    for title, task, metric, interval in SCORE_TABLES:
         sub = df[(df.task == task) & (df.metric == metric)]
         if not len(sub):
             continue
@@ -138,6 +140,9 @@ def write_result_figures(run_dir: Path, df: pd.DataFrame) -> list[Path]:
             records.setdefault(path.stem, {})["pretrain"] = rec
     for path in sorted((run_dir / "vlms").glob("*/train_record.json")):
         records.setdefault(path.parent.name, {})["vlm"] = json.loads(path.read_text())
+    # the results' backbone order, so that a backbone has the same colour in both figures
+    order = list(dict.fromkeys(df.backbone))
+    records = dict(sorted(records.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     return _save_figures([(training_curves(records), "training_curves"), (score_bars(df), "scores")],
                          run_dir / "figures")
 
@@ -194,10 +199,7 @@ def write_seed_summary(out_dir: Path, summary: pd.DataFrame, cfg, n_seeds: int) 
              "mean +- sd over seeds (train.seed = 0..n-1; one shared world).", ""]
     shown = summary.assign(shown=[f"{m:.3f} +- {s:.3f}" if pd.notna(s) else f"{m:.3f}"
                                   for m, s in zip(summary["mean"], summary.sd)])
-    for title, task, metric in (("Grounding Acc@IoU>=0.5", "grounding", "acc@0.5"),
-                                ("Grounding mean IoU", "grounding", "mean_iou"),
-                                ("VQA exact-match accuracy", "vqa", "accuracy"),
-                                ("Backbone pretraining top-1", "pretrain", "top1")):
+    for title, task, metric, _ in SCORE_TABLES:
         sub = shown[(shown.task == task) & (shown.metric == metric)]
         if len(sub):
             table = sub.pivot_table(index="backbone", columns="split", values="shown", aggfunc="first", sort=False)

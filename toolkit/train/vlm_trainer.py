@@ -80,6 +80,7 @@ def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: Trai
         vlm.load_trainable(state["trainable"])
         start_stage, start_step, losses = state["stage"], state["step"], list(state["losses"])
     vlm.to(device)
+    mix = training_mix(cfg)
     t0 = time.time()
     for si in range(start_stage, len(stages)):
         st = stages[si]
@@ -97,7 +98,7 @@ def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: Trai
             step = start_step
         bar = tqdm(total=st.steps, initial=step, desc=f"{vlm.cfg.backbone} {st.name}", unit="step", leave=False)
         while step < st.steps:
-            batch = _sample(by_kind, st.batch_size, training_mix(cfg), gen)
+            batch = _sample(by_kind, st.batch_size, mix, gen)
             feats = features[[t.image for t in batch]].to(device)
             loss = optimizer_step(vlm(feats, [t.prompt for t in batch], [t.answer for t in batch]), opt, sched, params,
                                   cfg.grad_clip)
@@ -123,7 +124,8 @@ def pretrain_lm_text(lm, tok, template: PromptTemplate, turns: Sequence[Turn], s
     backbones so every VLM starts from the same language model. Returns the mean loss of the last steps.
     With ``state_path``, resumable as ``train_vlm`` is (the file is removed at the end)."""
     lm = lm.to(device).train()
-    opt = torch.optim.AdamW(lm.parameters(), lr=lr)
+    params = list(lm.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
     sched = warmup_cosine(opt, max(1, steps // 20), steps)
     gen = torch.Generator().manual_seed(seed)
     start, losses = 0, []
@@ -140,7 +142,7 @@ def pretrain_lm_text(lm, tok, template: PromptTemplate, turns: Sequence[Turn], s
         texts = [template.prompt(t.prompt) + " " + t.answer + tok.eos_token for t in batch]
         enc = tok([tok.bos_token + s for s in texts], add_special_tokens=False, padding=True, return_tensors="pt").to(device)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, IGNORE_INDEX)
-        losses.append(optimizer_step(lm(**enc, labels=labels).loss, opt, sched, list(lm.parameters()), grad_clip=None))
+        losses.append(optimizer_step(lm(**enc, labels=labels).loss, opt, sched, params, grad_clip=None))
         if state_path is not None and step % checkpoint_every == 0 and step < steps:
             save_train_state(state_path, step=step, losses=losses, lm=lm.state_dict(), optimizer=opt.state_dict(),
                              scheduler=sched.state_dict(), rng=gen.get_state())
