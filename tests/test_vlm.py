@@ -54,6 +54,16 @@ def test_assemble_masks_everything_but_the_answer(tokenizer):
     assert left.attention_mask[:, -1].all() and left.image_mask.sum() == 32
 
 
+def test_answer_only_logits_give_the_full_sequence_loss(tokenizer):
+    """The training loss computes logits at answer positions only; it must equal HF's loss over the whole sequence."""
+    vlm = _vlm(tokenizer)
+    vis = torch.randn(2, 16, vlm.backbone.embed_dim)
+    b = vlm.assemble(vis, ["the red square", "a much longer prompt about the blue star"], ["[0.10, 0.20, 0.30, 0.40]", "3"])
+    full = vlm.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask, labels=b.labels).loss
+    torch.testing.assert_close(vlm(vis, ["the red square", "a much longer prompt about the blue star"],
+                                   ["[0.10, 0.20, 0.30, 0.40]", "3"]), full, rtol=1e-5, atol=1e-6)
+
+
 def test_loss_backward_reaches_connector_not_backbone(tokenizer):
     vlm = _vlm(tokenizer)
     x = torch.randn(2, 3, 32, 32)

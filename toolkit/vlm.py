@@ -13,15 +13,16 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 
+from toolkit.backbones.base import CHANNELS_LAST
 from toolkit.boxes import GROUNDING_PROMPT, parse_box
 from toolkit.connector import MLPConnector
 from toolkit.geometry import Geometry, apply_geometry, mean_fill, to_tensor_normalized
-from toolkit.llm import TEMPLATES, LMConfig, build_lm, lm_hidden_size
+from toolkit.llm import IGNORE_INDEX, TEMPLATES, LMConfig, answer_logits, build_lm, lm_hidden_size
 from toolkit.registry import create_backbone
 
-IGNORE_INDEX = -100
 MAX_EXPRESSION_CHARS = 500
 
 
@@ -75,7 +76,7 @@ class VLM(nn.Module):
     def __init__(self, cfg: VLMConfig, backbone: nn.Module, lm: nn.Module, tokenizer):
         super().__init__()
         self.cfg = cfg
-        self.backbone = backbone.eval().requires_grad_(False)
+        self.backbone = backbone.eval().requires_grad_(False).to(memory_format=CHANNELS_LAST)
         self.lm = lm
         self.tokenizer = tokenizer
         self.connector = MLPConnector(cfg.connector, backbone.embed_dim, lm_hidden_size(lm), cfg.image_pos,
@@ -111,7 +112,7 @@ class VLM(nn.Module):
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> visual tokens ``(B, N, C_vis)`` from the frozen backbone."""
-        return self.backbone(pixels.to(self.device))
+        return self.backbone(pixels.to(self.device).contiguous(memory_format=CHANNELS_LAST))
 
     # -- sequences ------------------------------------------------------------------------------
     def assemble(self, visual_tokens: torch.Tensor, prompts: Sequence[str], answers: Sequence[str] | None = None,
@@ -148,7 +149,7 @@ class VLM(nn.Module):
     def forward(self, visual_tokens: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         """Next-token loss on the answers, given precomputed visual tokens ``(B, N, C_vis)``."""
         b = self.assemble(visual_tokens, prompts, answers)
-        return self.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask, labels=b.labels).loss
+        return F.cross_entropy(*answer_logits(self.lm, b.inputs_embeds, b.attention_mask, b.labels))
 
     @torch.no_grad()
     def generate(self, visual_tokens: torch.Tensor, prompts: Sequence[str], max_new_tokens: int = 24) -> list[str]:

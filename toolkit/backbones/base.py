@@ -14,6 +14,10 @@ import torch
 import torch.nn as nn
 from abc import ABCMeta, abstractmethod
 
+# Backbones train and encode in channels-last layout: oneDNN's CPU convolutions are faster in it (MaxViT's training
+# step 1.6x, the other families unchanged: benchmarks/RESULTS.md), and it is the layout GPU tensor cores prefer.
+CHANNELS_LAST = torch.channels_last
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -4,14 +4,14 @@ loaders of the real formats. Generation: :mod:`toolkit.data.world`; language and
 from toolkit.data.datasets import GroundingDataset, VQADataset, classification_dataset
 from toolkit.data.expressions import (COLOURS, LOCATION_WORDS, QUESTION_TYPES, SHAPES, SIZES, STYLES, VQA_PROMPT,
                                       Query, SceneObject, holds, parse_expression, relation, render_expression, resolve)
-from toolkit.data.formats import (IGNORE_INDEX, CocoImage, ConversationExample, FormatError, RefExample, VQAExample,
+from toolkit.data.formats import (IGNORE_PIXEL, CocoImage, ConversationExample, FormatError, RefExample, VQAExample,
                                   load_annotation_pickle, load_coco_instances, load_coco_semantic, load_llava,
                                   load_refcoco, load_vqa, load_vqa_split, scene_objects)
 from toolkit.data.world import (CLASS_NAMES, Scene, SceneWorldConfig, WorldPaths, build_world, render_classification,
                                 render_scene)
 
 __all__ = [
-    "CLASS_NAMES", "COLOURS", "IGNORE_INDEX", "LOCATION_WORDS", "QUESTION_TYPES", "SHAPES", "SIZES", "STYLES",
+    "CLASS_NAMES", "COLOURS", "IGNORE_PIXEL", "LOCATION_WORDS", "QUESTION_TYPES", "SHAPES", "SIZES", "STYLES",
     "VQA_PROMPT", "CocoImage", "ConversationExample", "FormatError", "GroundingDataset", "Query", "RefExample",
     "Scene", "SceneObject", "SceneWorldConfig", "VQADataset", "VQAExample", "WorldPaths", "build_world",
     "classification_dataset", "holds", "load_annotation_pickle", "load_coco_instances", "load_coco_semantic",

@@ -412,13 +412,13 @@ def load_llava(json_path: str | Path, image_root: str | Path) -> list[Conversati
     return out
 
 
-IGNORE_INDEX = 255  # label of pixels no loss should see (COCO crowd regions)
+IGNORE_PIXEL = 255  # label of pixels no loss should see (COCO crowd regions)
 
 
 def load_coco_semantic(json_path: str | Path, image_root: str | Path, label_hw: tuple[int, int],
                        ) -> tuple[list[Path], np.ndarray, list[str]]:
     """A COCO instances file -> semantic segmentation targets: image paths, label maps ``(N, h, w)`` uint8 at
-    ``label_hw`` (0 background, i + 1 the i-th category by id, ``IGNORE_INDEX`` crowd regions), category names.
+    ``label_hw`` (0 background, i + 1 the i-th category by id, ``IGNORE_PIXEL`` crowd regions), category names.
 
     Polygons are filled at the image's own size in annotation order (later ones on top) and the map is then
     resized with nearest-neighbour sampling, so every label size reads the same annotation.
@@ -426,7 +426,7 @@ def load_coco_semantic(json_path: str | Path, image_root: str | Path, label_hw: 
     path, image_root = Path(json_path), Path(image_root)
     data = _read_json(path)
     cats = sorted(_index(_req_list(data, "categories", path, "the file"), path, "category").items())
-    if len(cats) >= IGNORE_INDEX:
+    if len(cats) >= IGNORE_PIXEL:
         raise FormatError(f"{path}: {len(cats)} categories do not fit uint8 labels")
     label_of = {cid: i + 1 for i, (cid, _) in enumerate(cats)}
     by_image: dict[int, list] = {}
@@ -441,7 +441,7 @@ def load_coco_semantic(json_path: str | Path, image_root: str | Path, label_hw: 
             seg = a.get("segmentation")
             if a.get("iscrowd") or not isinstance(seg, list):  # RLE crowd masks: the box is left out of the loss
                 x1, y1, x2, y2 = (int(round(v)) for v in _xyxy(a, path, f"annotation #{j}"))
-                full[max(0, y1):y2, max(0, x1):x2] = IGNORE_INDEX
+                full[max(0, y1):y2, max(0, x1):x2] = IGNORE_PIXEL
                 continue
             cid = _req(a, "category_id", path, f"annotation #{j}")
             if cid not in label_of:

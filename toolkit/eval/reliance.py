@@ -11,7 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from toolkit.vlm import IGNORE_INDEX, VLM
+from toolkit.llm import answer_logits
+from toolkit.vlm import VLM
 
 # A VLM whose answer loss (nats per answer token) rises by less than this when its image tokens are shuffled is
 # flagged. Loss, not token accuracy: most answer tokens (brackets, commas, EOS, the prior's likely coordinates) are
@@ -34,11 +35,9 @@ def answer_scores(vlm: VLM, visual_tokens: torch.Tensor, prompts: Sequence[str],
                   answers: Sequence[str]) -> tuple[float, int, int]:
     """Summed next-token loss, answer tokens and correctly predicted (argmax) answer tokens of one batch."""
     b = vlm.assemble(visual_tokens, prompts, answers)
-    logits = vlm.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask).logits[:, :-1]  # (B, T-1, V)
-    labels = b.labels[:, 1:]  # (B, T-1)
-    keep = labels != IGNORE_INDEX
-    loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum").item()
-    return loss, int(keep.sum()), int((logits[keep].argmax(-1) == labels[keep]).sum())
+    logits, labels = answer_logits(vlm.lm, b.inputs_embeds, b.attention_mask, b.labels)  # (K, V), (K,)
+    loss = F.cross_entropy(logits, labels, reduction="sum").item()
+    return loss, len(labels), int((logits.argmax(-1) == labels).sum())
 
 
 @torch.no_grad()

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from toolkit.backbones.base import Backbone
 from toolkit.checkpoints import load_state_dict_file, save_safetensors
 from toolkit.config import DenseConfig
-from toolkit.data.formats import IGNORE_INDEX, load_coco_semantic
+from toolkit.data.formats import IGNORE_PIXEL, load_coco_semantic
 from toolkit.registry import create_backbone
 from toolkit.train.common import fit_minibatches, loss_curve, seed_everything
+from toolkit.backbones.base import CHANNELS_LAST
 from toolkit.train.pretrain import load_images, normalize
 
 
@@ -55,7 +56,7 @@ def segmentation_scores(backbone: Backbone, head: SegHead, images: torch.Tensor,
         x = normalize(images[i:i + batch_size].to(device), dc.mean, dc.std)
         y = labels[i:i + batch_size]
         pred = head(backbone.forward_tokens(x), grid, tuple(y.shape[-2:])).argmax(1).cpu()
-        keep = y != IGNORE_INDEX
+        keep = y != IGNORE_PIXEL
         conf += torch.bincount(y[keep] * n_classes + pred[keep], minlength=n_classes ** 2).view(n_classes, n_classes)
     inter, union = conf.diag(), conf.sum(0) + conf.sum(1) - conf.diag()
     present = conf.sum(1) > 0
@@ -70,7 +71,7 @@ def dense_tune_backbone(name: str, init_weights: str | Path, world_root: str | P
     seed_everything(seed)
     backbone = create_backbone(name)
     backbone.load_state_dict(load_state_dict_file(init_weights))
-    backbone.to(device)
+    backbone.to(device, memory_format=CHANNELS_LAST)
     h, w = backbone.data_config.img_size
     label_hw = (h // cfg.label_stride, w // cfg.label_stride)
     images, labels, names = load_segmentation_split(world_root, "train", label_hw)
@@ -84,7 +85,7 @@ def dense_tune_backbone(name: str, init_weights: str | Path, world_root: str | P
         y = labels[idx].to(device)
         if torch.rand((), generator=gen) < 0.5:  # flips keep masks aligned with pixels
             x, y = x.flip(-1), y.flip(-1)
-        return F.cross_entropy(head(backbone.forward_tokens(x), grid, label_hw), y, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(head(backbone.forward_tokens(x), grid, label_hw), y, ignore_index=IGNORE_PIXEL)
 
     backbone.train()
     steps, seconds, losses = fit_minibatches(list(backbone.parameters()) + list(head.parameters()), batch_loss,

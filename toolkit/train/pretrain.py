@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from toolkit.backbones.base import CHANNELS_LAST
 from toolkit.checkpoints import save_safetensors
 from toolkit.config import PretrainConfig
 from toolkit.registry import create_backbone
@@ -36,11 +37,11 @@ def load_images(paths) -> torch.Tensor:
 
 
 def normalize(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 ``(B, 3, H, W)`` -> float normalised."""
+    """uint8 ``(B, 3, H, W)`` -> float normalised, channels-last."""
     x = images_u8.float() / 255.0
     m = torch.tensor(mean, device=x.device)[:, None, None]
     s = torch.tensor(std, device=x.device)[:, None, None]
-    return (x - m) / s
+    return ((x - m) / s).contiguous(memory_format=CHANNELS_LAST)
 
 
 def augment(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -52,7 +53,7 @@ def augment(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tens
         x = F.pad(x, (max_shift,) * 4, mode="reflect")
         h, w = x.shape[-2] - 2 * max_shift, x.shape[-1] - 2 * max_shift
         x = x[..., max_shift + dy: max_shift + dy + h, max_shift + dx: max_shift + dx + w]
-    return x
+    return x.contiguous(memory_format=CHANNELS_LAST)
 
 
 HEADS = ("tap-max", "pooled")
@@ -102,7 +103,7 @@ def pretrain_backbone(name: str, train: tuple, val: tuple, cfg: PretrainConfig, 
     seed_everything(seed)
     images, labels, classes = train
     backbone = create_backbone(name, **(backbone_overrides or {}))
-    model = Classifier(backbone, len(classes), cfg.head).to(device)
+    model = Classifier(backbone, len(classes), cfg.head).to(device, memory_format=CHANNELS_LAST)
     gen = torch.Generator().manual_seed(seed)
     dc = backbone.data_config
 

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from toolkit.config import StageConfig, TrainConfig
-from toolkit.llm import PromptTemplate
+from toolkit.llm import IGNORE_INDEX, PromptTemplate, answer_logits
 from toolkit.train.common import load_train_state, loss_curve, optimizer_step, save_train_state, warmup_cosine
-from toolkit.vlm import IGNORE_INDEX, VLM
+from toolkit.vlm import VLM
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,9 @@ def pretrain_lm_text(lm, tok, template: PromptTemplate, turns: Sequence[Turn], s
         texts = [template.prompt(t.prompt) + " " + t.answer + tok.eos_token for t in batch]
         enc = tok([tok.bos_token + s for s in texts], add_special_tokens=False, padding=True, return_tensors="pt").to(device)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, IGNORE_INDEX)
-        losses.append(optimizer_step(lm(**enc, labels=labels).loss, opt, sched, params, grad_clip=None))
+        embeds = lm.get_input_embeddings()(enc.input_ids)
+        loss = F.cross_entropy(*answer_logits(lm, embeds, enc.attention_mask, labels))
+        losses.append(optimizer_step(loss, opt, sched, params, grad_clip=None))
         if state_path is not None and step % checkpoint_every == 0 and step < steps:
             save_train_state(state_path, step=step, losses=losses, lm=lm.state_dict(), optimizer=opt.state_dict(),
                              scheduler=sched.state_dict(), rng=gen.get_state())
