@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from toolkit import create_backbone
 from toolkit.data.world import CLASS_NAMES, SceneWorldConfig, render_classification
-from toolkit.train.pretrain import normalize
+from toolkit.geometry import normalize
 from toolkit_kernels import scan_backend
 
 

@@ -7,11 +7,10 @@ import pickle
 
 import pytest
 import torch
-from torchvision.transforms.functional import pil_to_tensor
 
 from toolkit.boxes import GROUNDING_PROMPT, format_box, normalize_box
-from toolkit.data import (VQA_PROMPT, FormatError, GroundingDataset, RefExample, SceneObject, SceneWorldConfig,
-                          VQADataset, VQAExample, build_world, load_annotation_pickle, load_coco_instances,
+from toolkit.data import (VQA_PROMPT, FormatError, RefExample, SceneObject, SceneWorldConfig,
+                          VQAExample, build_world, load_annotation_pickle, load_coco_instances,
                           load_coco_semantic, load_llava, load_refcoco, load_vqa, load_vqa_split, scene_objects)
 from toolkit.data.expressions import QA
 from toolkit.data.formats import AnnotatedImage, write_annotations
@@ -190,13 +189,3 @@ def test_invalid_json_and_bad_refs_name_the_file(written):
         load_refcoco(written, "refcoco", "train")
 
 
-def test_datasets_return_images_and_targets(tmp_path):
-    world = build_world(tmp_path, SceneWorldConfig(image_size=32, n_train=3, n_val=2, n_test=0, n_cls_train=0,
-                                                   n_cls_val=0), progress=False)
-    refs = load_refcoco(world.root, "refcoco+", "val")
-    item = GroundingDataset(refs)[0]
-    assert item["image"].size == (32, 32) and item["expression"] == refs[0].expression
-    assert torch.allclose(item["box_norm"], item["box_xyxy"] / 32)
-    assert GroundingDataset(refs, transform=pil_to_tensor)[0]["image"].shape == (3, 32, 32)
-    vqa = VQADataset(load_vqa_split(world.root, "val"))
-    assert len(vqa) >= 4 and {"image", "question", "answer", "question_type", "question_id"} <= set(vqa[0])

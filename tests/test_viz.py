@@ -13,7 +13,7 @@ from PIL import Image
 
 from toolkit.geometry import apply_geometry
 from toolkit.interpret import Example, compare
-from toolkit.viz import map_on_original, overlay, save_figure, scan_path_figure, side_by_side
+from toolkit.viz import map_on_original, save_figure, scan_path_figure, side_by_side
 from toolkit.viz.overlays import cell_box
 
 
@@ -48,13 +48,6 @@ def test_side_by_side_has_a_row_per_backbone_and_scores_in_titles(analyses):
     dashed = [s for s in fig.layout.shapes if s.line.dash == "dash"]
     assert len(dashed) == len(analyses)  # the ground-truth box in each row
     assert "no backbone map (6 modules skipped)" == titles[4 * list(analyses).index("maxvit-test") + 3]  # windowed only
-
-
-def test_single_overlay_draws_the_map_and_both_boxes(analyses):
-    a = analyses["vit-test"]
-    fig = overlay(a.image, a.similarity.mean, a.geometry, pred_box=a.grounding.box_pixels, gt_box=a.gt_box)
-    assert [t.type for t in fig.data] == ["image", "heatmap"] and len(fig.layout.shapes) == 2
-    assert fig.data[1].z.shape == (32, 48)  # sampled at the original image's pixels (48x32 here)
 
 
 @pytest.mark.skipif(not scan_kernels_available(), reason="toolkit_kernels.ss2d_scan_attention missing")

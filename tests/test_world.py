@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from toolkit.data import (CLASS_NAMES, COLOURS, LOCATION_WORDS, SHAPES, SIZES, STYLES, Query, SceneObject,
-                          SceneWorldConfig, build_world, classification_dataset, load_annotation_pickle,
+                          SceneWorldConfig, build_world, load_annotation_pickle,
                           load_coco_instances, load_refcoco, load_vqa_split, parse_expression, render_expression,
                           render_scene, resolve)
 from toolkit.data import world as world_module
@@ -161,7 +161,9 @@ def test_yes_no_answers_are_balanced(tmp_path):
 
 
 def test_classification_set_is_an_image_folder(world):
-    train, val = classification_dataset(world.root, "train"), classification_dataset(world.root, "val")
+    from torchvision.datasets import ImageFolder
+
+    train, val = (ImageFolder(str(world.classification / s)) for s in ("train", "val"))
     assert train.classes == val.classes == sorted(c.replace(" ", "_") for c in CLASS_NAMES)
     assert len(train) == CFG.n_cls_train and len(val) == CFG.n_cls_val
     for i in range(0, len(train), 7):  # the label names the colour that is actually drawn

@@ -75,5 +75,6 @@ def normalize_box(box_xyxy: Sequence[float], width: float, height: float) -> tup
 
 
 def denormalize_box(box_norm: Sequence[float], width: float, height: float) -> tuple[float, float, float, float]:
+    """[0, 1] xyxy -> pixel xyxy (the inverse of ``normalize_box``)."""
     x1, y1, x2, y2 = box_norm
     return (x1 * width, y1 * height, x2 * width, y2 * height)

@@ -147,12 +147,13 @@ def apply_geometry(
     return fn(image.convert("RGB"), h, w, fill)
 
 
-def to_tensor_normalized(image: Image.Image, mean: Sequence[float], std: Sequence[float]):
-    """PIL RGB -> float tensor (3, H, W) normalised by ``mean``/``std``."""
+def normalize(images_u8, mean: Sequence[float], std: Sequence[float]):
+    """uint8 RGB ``(3, H, W)`` or ``(B, 3, H, W)`` tensor -> float, normalised by ``mean``/``std``; a batch comes back
+    channels-last (the layout the backbones run in: ``toolkit.backbones.base.CHANNELS_LAST``)."""
     import torch
 
-    arr = np.asarray(image, dtype=np.float32) / 255.0  # (H, W, 3)
-    t = torch.from_numpy(arr).permute(2, 0, 1)
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    return (t - m) / s
+    x = images_u8.float() / 255.0
+    m = torch.tensor(mean, device=x.device)[:, None, None]
+    s = torch.tensor(std, device=x.device)[:, None, None]
+    x = (x - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x

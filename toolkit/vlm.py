@@ -11,15 +11,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
 from toolkit.backbones.base import CHANNELS_LAST
-from toolkit.boxes import GROUNDING_PROMPT, parse_box
+from toolkit.boxes import GROUNDING_PROMPT, denormalize_box, parse_box
 from toolkit.connector import MLPConnector
-from toolkit.geometry import Geometry, apply_geometry, mean_fill, to_tensor_normalized
+from toolkit.geometry import Geometry, apply_geometry, mean_fill, normalize
 from toolkit.llm import IGNORE_INDEX, TEMPLATES, LMConfig, answer_logits, build_lm, lm_hidden_size
 from toolkit.registry import create_backbone
 
@@ -107,7 +108,7 @@ class VLM(nn.Module):
         """PIL image -> normalised ``(3, H, W)`` model input and the geometry that maps boxes back."""
         dc = self.backbone.data_config
         img, geom = apply_geometry(image, dc.img_size, self.resize, fill=mean_fill(dc.mean))
-        return to_tensor_normalized(img, dc.mean, dc.std), geom
+        return normalize(torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1), dc.mean, dc.std), geom
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -181,8 +182,7 @@ class VLM(nn.Module):
         if box is None:
             return Grounding(answer, False, None, None, geom)
         if self.cfg.box_frame == "original":
-            x1, y1, x2, y2 = box
-            pix = (x1 * geom.orig_w, y1 * geom.orig_h, x2 * geom.orig_w, y2 * geom.orig_h)
+            pix = denormalize_box(box, geom.orig_w, geom.orig_h)
         else:
             pix = geom.norm_input_to_original(box)
         return Grounding(answer, True, box, pix, geom)

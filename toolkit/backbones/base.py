@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 from abc import ABCMeta, abstractmethod
 
-# Backbones train and encode in channels-last layout: oneDNN's CPU convolutions are faster in it (MaxViT's training
-# step 1.6x, the other families unchanged: benchmarks/RESULTS.md), and it is the layout GPU tensor cores prefer.
+# Backbones train and encode in channels-last layout: oneDNN's CPU convolutions run faster in it (benchmarks/RESULTS.md,
+# "Channels-last"), and it is the layout GPU tensor cores prefer.
 CHANNELS_LAST = torch.channels_last
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -93,8 +93,8 @@ def maxvit_t_in1k_224_s3(**kw) -> MaxViTBackbone:
 def maxvit_scene_128_s3(**kw) -> MaxViTBackbone:
     """Embedded-world MaxViT: 128 px, stage 3 -> 8x8 = 64 tokens x 128 channels, about as many parameters as
     vit-scene-128 and vmamba-scene-128-s3 (the last stage keeps 128 channels for that). The early stages are
-    narrow (16, 32) because their MBConvs at 64x64 and 32x32 dominate a CPU step: widths (32, 64) cost 2.6x the
-    time (1.83 vs 0.71 s per batch-32 training step, 2 cores) for 14% more parameters."""
+    narrow (16, 32) because their MBConvs at 64x64 and 32x32 dominate a CPU step (benchmarks/RESULTS.md, "Measurements
+    that were in docstrings")."""
     cfg = MaxViTConfig(img_size=128, embed_dim=(16, 32, 128, 128), depths=(1, 1, 1, 1), stem_width=16, dim_head=16,
                        mean=(0.5,) * 3, std=(0.25,) * 3)
     return _maxvit(cfg, **kw)

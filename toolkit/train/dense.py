@@ -22,7 +22,8 @@ from toolkit.data.formats import IGNORE_PIXEL, load_coco_semantic
 from toolkit.registry import create_backbone
 from toolkit.train.common import fit_minibatches, loss_curve, seed_everything
 from toolkit.backbones.base import CHANNELS_LAST
-from toolkit.train.pretrain import load_images, normalize
+from toolkit.geometry import normalize
+from toolkit.train.pretrain import load_images
 
 
 class SegHead(nn.Module):

@@ -18,6 +18,7 @@ from PIL import Image
 from toolkit.backbones.base import CHANNELS_LAST
 from toolkit.checkpoints import save_safetensors
 from toolkit.config import PretrainConfig
+from toolkit.geometry import normalize
 from toolkit.registry import create_backbone
 from toolkit.train.common import fit_minibatches, loss_curve, seed_everything
 
@@ -34,14 +35,6 @@ def load_images(paths) -> torch.Tensor:
     """Same-size image files -> uint8 ``(N, 3, H, W)`` RGB, held in memory."""
     imgs = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # (N, H, W, 3)
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
-
-
-def normalize(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 ``(B, 3, H, W)`` -> float normalised, channels-last."""
-    x = images_u8.float() / 255.0
-    m = torch.tensor(mean, device=x.device)[:, None, None]
-    s = torch.tensor(std, device=x.device)[:, None, None]
-    return ((x - m) / s).contiguous(memory_format=CHANNELS_LAST)
 
 
 def augment(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Plotly figures over ``toolkit.interpret`` results; the ipywidgets UI (``Explorer``) loads on first use."""
 from toolkit.viz.figures import DIRECTIONS, grounding_title, save_figure, scan_path_figure, side_by_side
-from toolkit.viz.overlays import box_shapes, display_size, heatmap_trace, image_trace, map_on_original, overlay
+from toolkit.viz.overlays import box_shapes, display_size, heatmap_trace, image_trace, map_on_original
 
 __all__ = ["DIRECTIONS", "Explorer", "box_shapes", "display_size", "grounding_title", "heatmap_trace", "image_trace",
-           "map_on_original", "overlay", "save_figure", "scan_path_figure", "side_by_side"]
+           "map_on_original", "save_figure", "scan_path_figure", "side_by_side"]
 
 
 def __getattr__(name: str):

@@ -80,17 +80,3 @@ def box_shapes(pred_box=None, gt_box=None, query_box=None) -> list[dict]:
             x1, y1, x2, y2 = box
             out.append(dict(type="rect", x0=x1, y0=y1, x1=x2, y1=y2, line=dict(color=color, width=2, dash=dash)))
     return out
-
-
-def overlay(image: Image.Image, m: torch.Tensor | None, geom: Geometry, *, title: str = "", pred_box=None,
-            gt_box=None, **heat) -> go.Figure:
-    """One panel: the image, optionally a map over it and boxes on it."""
-    fig = go.Figure(image_trace(image))
-    if m is not None:
-        fig.add_trace(heatmap_trace(m, geom, **heat))
-    for s in box_shapes(pred_box, gt_box):
-        fig.add_shape(**s)
-    fig.update_layout(title=title, margin=dict(l=10, r=10, t=40, b=10))
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return fig
