@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import kernel_cases as kc  # noqa: E402
-from toolkit_kernels.scan_paths import MAX_FULL_LEN, ss2d_scan_attention  # noqa: E402
+from toolkit_kernels import MAX_FULL_LEN, ss2d_scan_attention_fn  # noqa: E402
 
 # (label, channels, H, W, d_state): SS2D inner widths of VMamba-T (ssm_ratio 1) and -S (ssm_ratio 2) at 224 px,
 # as in bench_ss2d.py; the 1024 px detection input's stage 2 for a long row; d_state 16 for the state loop.
@@ -38,7 +38,7 @@ def bench_stage(shape, dtype) -> list[dict]:
         row = {"stage": label, "shape": f"{Dd}x{H}x{W} N={N}", "mode": mode}
         maps = {}
         for be in ("ref", "triton"):
-            fn = lambda be=be: ss2d_scan_attention(*args, **kw, query=query, backend=be)[0]  # noqa: E731
+            fn = lambda be=be: ss2d_scan_attention_fn(*args, **kw, query=query, backend=be)[0]  # noqa: E731
             try:
                 row[f"{be}_ms"] = triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
                 maps[be] = fn().double()

@@ -100,7 +100,7 @@ SWEEP = [(32, 128, 4), (16, 128, 4), (8, 128, 2), (16, 64, 2), (64, 64, 8), (8, 
 
 def sweep(stages, dtype, bw) -> list[dict]:
     """The fused kernel at every (BLOCK_D, BLOCK_L, num_warps) of SWEEP, per stage shape."""
-    import toolkit_kernels.ss2d_triton as st
+    import toolkit_kernels.selective_scan_triton as st
     rows = []
     for shape in stages:
         for cfg in SWEEP:
@@ -168,7 +168,7 @@ def table(rows: list[dict], floatfmt=".3g") -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="bf16", choices=list(kc.DTYPES))
-    ap.add_argument("--backends", default="triton,ref,mamba", help="comma-separated; mamba is skipped if not built")
+    ap.add_argument("--backends", default="triton,torch,mamba", help="comma-separated; mamba is skipped if not built")
     ap.add_argument("--stages", default="", help="only stages whose label contains this")
     ap.add_argument("--no-encoder", action="store_true")
     ap.add_argument("--no-stages", action="store_true")

@@ -28,7 +28,7 @@ TINY_TEXTS = ["the red square", "the small blue star to the left of the yellow c
 
 def scan_kernels_available() -> bool:
     try:
-        from toolkit_kernels import ss2d_scan_attention, ss2d_scan_fn  # noqa: F401
+        from toolkit_kernels import ss2d_scan_attention_fn, ss2d_scan_fn  # noqa: F401
     except ImportError:
         return False
     return True

@@ -16,7 +16,7 @@ from toolkit.interpret import (analyze, backbone_attention, compare, example_ima
                                parse_pixel_box, results_table, scan_paths, text_image_similarity)
 
 needs_scan_kernels = pytest.mark.skipif(not scan_kernels_available(),
-                                        reason="toolkit_kernels.ss2d_scan_attention missing")
+                                        reason="toolkit_kernels.ss2d_scan_attention_fn missing")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
-"""Scan kernels against their references: the vectorised CPU scan against the sequential definition, the fused Triton
-kernels against the reference (on the CPU under TRITON_INTERPRET=1, on a GPU at VMamba's stage shapes), the
-dispatcher, and the scan-path maps against a brute-force Jacobian."""
+"""Scan kernels against their definitions: the torch backends against the ``_ref`` definitions, the fused Triton
+kernels against the torch backends (on the CPU under TRITON_INTERPRET=1, on a GPU at VMamba's stage shapes), the
+backend rule and call hooks of the dispatchers, and the scan-path maps against a brute-force Jacobian."""
 from __future__ import annotations
 
 import functools
@@ -11,20 +11,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import types
+
 import pytest
 import torch
 
 import kernel_cases as kc
-from toolkit_kernels import (selective_scan_torch, selective_scan_fn, selective_scan_ref, ss2d_scan_attention,
-                             ss2d_scan_fn, ss2d_scan_ref)
-from toolkit_kernels.ss2d_ref import (_recurrence, cross_merge_ref, cross_scan_ref, to_grid_order, to_scan_order,
-                                      to_scan_order_lfirst)
+from toolkit_kernels import (call_hook, cross_merge, cross_scan, scan_backend, selective_scan_fn, selective_scan_ref,
+                             selective_scan_torch, ss2d_scan_attention_fn, ss2d_scan_fn, ss2d_scan_ref,
+                             ss2d_scan_torch, to_grid_order, to_scan_order)
+from toolkit_kernels.dispatch import resolve_backend
+from toolkit_kernels.selective_scan_torch import _recurrence
+from toolkit_kernels.ss2d_scan_torch import to_scan_order_lfirst
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 1, 1), (1, 3, 17, 4), (2, 4, 64, 16)])
-def test_vectorised_scan_matches_sequential_definition(shape):
+def test_selective_scan_torch_matches_definition(shape):
     Bb, Dd, L, N = shape
     ins = kc.scan1d_inputs((Bb, Dd, L, N, 1), torch.float64, "cpu")
     y_seq = selective_scan_ref(*ins, delta_softplus=True)
@@ -37,7 +41,7 @@ def test_vectorised_scan_matches_sequential_definition(shape):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=f"d{n}")
 
 
-def test_vectorised_scan_gradcheck():
+def test_selective_scan_torch_gradcheck():
     ins = kc.scan1d_inputs((1, 2, 9, 3, 1), torch.float64, "cpu")
     assert torch.autograd.gradcheck(lambda *t: selective_scan_torch(*t, delta_softplus=True), ins)
 
@@ -59,20 +63,11 @@ def test_recurrence_chunked_and_stepwise_agree(adjoint):
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5, 1), (1, 2, 3, 1, 4), (1, 4, 1, 6, 2)])
-def test_ss2d_reference_is_cross_scan_scan_merge(shape):
-    """The position-major SS2D reference against its definition: cross-scan, sequential scan, cross-merge (fp64)."""
+def test_ss2d_scan_torch_matches_definition(shape):
+    """The position-major SS2D path against its definition: cross-scan, sequential scan, cross-merge (fp64)."""
     Bb, Dd, H, W, N = shape
     ins = kc.ss2d_inputs((Bb, Dd, H, W, N), torch.float64, "cpu")
-    x, delta, A, B, C, D, bias = ins
-
-    def definition(x, delta, A, B, C, D, bias):
-        L = H * W
-        y = selective_scan_ref(cross_scan_ref(x).reshape(Bb, 4 * Dd, L), to_scan_order(delta).reshape(Bb, 4 * Dd, L),
-                               A, to_scan_order(B), to_scan_order(C), D, bias, delta_softplus=True)
-        return cross_merge_ref(y.view(Bb, 4, Dd, L), H, W).view(Bb, Dd, H, W)
-
-    ins = [t.requires_grad_() for t in ins]
-    want, got = definition(*ins), ss2d_scan_ref(*ins)
+    want, got = ss2d_scan_ref(*ins), ss2d_scan_torch(*ins)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     dy = torch.randn_like(want)
     for n, g, w in zip(kc.NAMES, torch.autograd.grad(got, ins, dy), torch.autograd.grad(want, ins, dy)):
@@ -83,35 +78,92 @@ def test_ss2d_reference_is_cross_scan_scan_merge(shape):
 
 def test_cross_scan_and_merge_are_adjoint_permutations():
     x = torch.randn(2, 3, 4, 5)
-    xs = cross_scan_ref(x)  # (B, 4, D, L)
+    xs = cross_scan(x)  # (B, 4, D, L)
     torch.testing.assert_close(xs[:, 0], x.flatten(-2))
     torch.testing.assert_close(xs[:, 1], x.transpose(-1, -2).flatten(-2))
     torch.testing.assert_close(xs[:, 2], x.flatten(-2).flip(-1))
     torch.testing.assert_close(to_grid_order(xs, 4, 5), x.unsqueeze(1).expand(-1, 4, -1, -1, -1))
-    torch.testing.assert_close(cross_merge_ref(xs, 4, 5).view_as(x), 4 * x)
+    torch.testing.assert_close(cross_merge(xs, 4, 5).view_as(x), 4 * x)
     t = torch.randn(2, 4, 3, 4, 5)
     torch.testing.assert_close(to_grid_order(to_scan_order(t), 4, 5), t)
 
 
-def test_long_sequence_is_finite_in_half_precision():
+@pytest.mark.parametrize("backend", ["ref", "torch"])
+def test_long_sequence_is_finite_in_half_precision(backend):
     ins = kc.ss2d_inputs((1, 4, 64, 64, 1), torch.float16, "cpu")
-    y = ss2d_scan_fn(*ins, backend="ref")
+    y = ss2d_scan_fn(*ins, backend=backend)
     assert y.dtype == torch.float32 and torch.isfinite(y).all()
 
 
-def test_dispatch():
+def test_dispatch(monkeypatch):
+    monkeypatch.delenv("TOOLKIT_SCAN_BACKEND", raising=False)
     ins = kc.ss2d_inputs((1, 2, 3, 3, 2), torch.float32, "cpu")
-    torch.testing.assert_close(ss2d_scan_fn(*ins), ss2d_scan_ref(*ins))  # auto -> reference on CPU tensors
+    assert torch.equal(ss2d_scan_fn(*ins), ss2d_scan_torch(*ins))  # auto -> torch on CPU tensors
+    assert torch.equal(ss2d_scan_fn(*ins, backend="ref"), ss2d_scan_ref(*ins))
     with pytest.raises(ValueError, match="backend"):
         ss2d_scan_fn(*ins, backend="cuda-magic")
     u = kc.scan1d_inputs((1, 2, 5, 2, 1), torch.bfloat16, "cpu")
-    assert selective_scan_fn(*u).dtype == torch.bfloat16  # mamba-ssm returns y in u's dtype
+    for backend in ("ref", "torch"):
+        assert selective_scan_fn(*u, backend=backend).dtype == torch.bfloat16  # mamba-ssm returns y in u's dtype
 
 
-def test_force_ref_overrides_backend(monkeypatch):
-    monkeypatch.setenv("TOOLKIT_FORCE_REF", "1")
+def test_backend_rule_precedence(monkeypatch):
+    """argument > innermost ``scan_backend`` block > TOOLKIT_SCAN_BACKEND > auto, per op."""
     ins = kc.ss2d_inputs((1, 2, 3, 3, 2), torch.float32, "cpu")
-    torch.testing.assert_close(ss2d_scan_fn(*ins, backend="mamba"), ss2d_scan_ref(*ins))
+    maps_args = [t.detach() for t in ins[1:5]]
+
+    def picked(fn, *args, **kw) -> str:  # the backend a call resolves to; the hook answers, so none runs
+        seen = []
+        with call_hook(lambda op, a: seen.append(a["backend"]) or torch.zeros(())):
+            fn(*args, **kw)
+        return seen[0]
+
+    monkeypatch.delenv("TOOLKIT_SCAN_BACKEND", raising=False)
+    assert picked(ss2d_scan_fn, *ins) == "torch"  # auto on CPU tensors
+    assert picked(ss2d_scan_attention_fn, *maps_args, query=(0, 0)) == "ref"  # auto, for an op without torch
+    assert resolve_backend("ss2d_scan", None, types.SimpleNamespace(is_cuda=True)) == "triton"  # auto on CUDA
+    monkeypatch.setenv("TOOLKIT_SCAN_BACKEND", "ref")
+    assert picked(ss2d_scan_fn, *ins) == "ref"  # the variable over auto
+    with scan_backend("triton"):
+        assert picked(ss2d_scan_fn, *ins) == "triton"  # a block over the variable
+        with scan_backend("mamba"):
+            assert picked(ss2d_scan_fn, *ins) == "mamba"  # the innermost block
+            assert picked(ss2d_scan_attention_fn, *maps_args, query=(0, 0)) == "ref"  # not its backend: auto
+            assert picked(ss2d_scan_fn, *ins, backend="torch") == "torch"  # the argument over every block
+            assert picked(ss2d_scan_fn, *ins, backend="auto") == "torch"
+    with scan_backend("auto"):
+        assert picked(selective_scan_fn, *kc.scan1d_inputs((1, 2, 5, 2, 1), torch.float32, "cpu")) == "torch"
+    with pytest.raises(ValueError, match="has no backend"):
+        ss2d_scan_attention_fn(*maps_args, query=(0, 0), backend="torch")
+    with pytest.raises(ValueError, match="scan_backend"):
+        with scan_backend("cuda-magic"):
+            pass
+    monkeypatch.setenv("TOOLKIT_SCAN_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="TOOLKIT_SCAN_BACKEND"):
+        ss2d_scan_fn(*ins)
+
+
+def test_call_hook_sees_every_call_and_may_answer_it(monkeypatch):
+    monkeypatch.delenv("TOOLKIT_SCAN_BACKEND", raising=False)
+    u = kc.scan1d_inputs((1, 2, 5, 2, 1), torch.float32, "cpu")
+    x = kc.ss2d_inputs((1, 2, 3, 3, 2), torch.float32, "cpu")
+    seen = []
+
+    def log(op, a):
+        seen.append((op, a["backend"], {k: tuple(v.shape) for k, v in a.items() if k in ("u", "x")}))
+
+    y_plain = selective_scan_fn(*u)
+    with call_hook(log):
+        torch.testing.assert_close(selective_scan_fn(*u), y_plain)  # a hook returning None lets the call run
+        with call_hook(lambda op, a: torch.full(a["u"].shape, 7.0)):
+            y = selective_scan_fn(*u, backend="ref")
+        ss2d_scan_fn(*x)
+        ss2d_scan_attention_fn(*[t.detach() for t in x[1:5]], query=(1, 1))
+    assert torch.equal(y, torch.full((1, 2, 5), 7.0))  # the innermost hook's answer, in the op's place
+    assert seen == [("selective_scan", "torch", {"u": (1, 2, 5)}), ("selective_scan", "ref", {"u": (1, 2, 5)}),
+                    ("ss2d_scan", "torch", {"x": (1, 2, 3, 3)}), ("ss2d_scan_attention", "ref", {})]
+    selective_scan_fn(*u)
+    assert len(seen) == 4  # the hook is gone after its block
 
 
 def test_mamba_backend_without_extension_says_how_to_build(monkeypatch):
@@ -187,12 +239,12 @@ def _brute_force_maps(ins, H, W):
 def test_scan_attention_matches_brute_force():
     H, W = 3, 4
     ins = kc.ss2d_inputs((1, 3, H, W, 2), torch.float64, "cpu")
-    per, merged = ss2d_scan_attention(*[t.detach() for t in ins[1:5]], delta_bias=ins[6].detach(),
+    per, merged = ss2d_scan_attention_fn(*[t.detach() for t in ins[1:5]], delta_bias=ins[6].detach(),
                                       channel_reduce="none")
     brute = _brute_force_maps(ins, H, W).float()
     torch.testing.assert_close(per, brute, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(merged, brute.sum(1), rtol=1e-4, atol=1e-6)
-    row, row_merged = ss2d_scan_attention(*[t.detach() for t in ins[1:5]], delta_bias=ins[6].detach(),
+    row, row_merged = ss2d_scan_attention_fn(*[t.detach() for t in ins[1:5]], delta_bias=ins[6].detach(),
                                           query=(1, 2))
     torch.testing.assert_close(row, brute.mean(2)[:, :, 1 * W + 2].view(1, 4, H, W), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(row_merged, row.sum(1))
@@ -201,6 +253,6 @@ def test_scan_attention_matches_brute_force():
 def test_scan_attention_rejects_bad_queries():
     ins = kc.ss2d_inputs((1, 2, 3, 3, 1), torch.float32, "cpu")
     with pytest.raises(ValueError, match="outside"):
-        ss2d_scan_attention(*[t.detach() for t in ins[1:5]], query=(5, 0))
+        ss2d_scan_attention_fn(*[t.detach() for t in ins[1:5]], query=(5, 0))
     with pytest.raises(ValueError, match="channel_reduce"):
-        ss2d_scan_attention(*[t.detach() for t in ins[1:5]], channel_reduce="max")
+        ss2d_scan_attention_fn(*[t.detach() for t in ins[1:5]], channel_reduce="max")

@@ -1,6 +1,6 @@
-"""Scan-path maps: the Triton kernel (``scan_paths_triton``) against the float64 PyTorch reference, on the CPU under
-TRITON_INTERPRET=1 (in a subprocess, so that the variable is set before Triton is first imported) and on a GPU at
-VMamba's stage shapes; and the dispatcher of ``ss2d_scan_attention``.
+"""Scan-path maps: the Triton kernel (``ss2d_scan_attention_triton``) against the float64 definition
+(``ss2d_scan_attention_ref``), on the CPU under TRITON_INTERPRET=1 (in a subprocess, so that the variable is set
+before Triton is first imported) and on a GPU at VMamba's stage shapes; and the dispatcher ``ss2d_scan_attention_fn``.
 
 ``TRITON_INTERPRET=1 python tests/test_scan_paths_kernel.py`` runs the CPU grid and prints one JSON line per case.
 """
@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import kernel_cases as kc
-from toolkit_kernels import scan_paths
+from toolkit_kernels import ss2d_scan_attention_fn, ss2d_scan_attention_ref
+from toolkit_kernels.dispatch import resolve_backend
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -33,7 +34,7 @@ TOL_LONG = (1e-5, 2e-7)
 # A case: (mode, (batch, channels, H, W, d_state), dtype, channel_reduce, (BLOCK_D, BLOCK_L) or None, split).
 # mode "rows": a batch of 3 query cells through ``ss2d_scan_rows_triton`` against rows of the reference's full
 # matrices; "query": one cell, "full": all L x L, both through ``ss2d_scan_attention_triton`` (what the dispatcher
-# calls; called directly so that TOOLKIT_FORCE_REF cannot turn a GPU run into reference against reference);
+# calls; called directly so that no backend setting can turn a GPU run into reference against reference);
 # "long": "rows" on a grid too large for full reference matrices, with a tighter tolerance.
 # Blocks (2, 8) give several tiles and channel blocks on the tiny grids (the interpreter's time grows with both, so
 # fp32 alone takes them: the dtype only changes the loads); d_state 16 has 32-position tiles and 4-channel blocks
@@ -76,7 +77,7 @@ def _queries(H: int, W: int) -> list[int]:
 def compare(case, device: str) -> dict:
     """Max error of the kernel against the reference, absolute and relative to max |reference|, and the excess over
     the tolerance (<= 0 passes)."""
-    from toolkit_kernels import scan_paths_triton as spt
+    from toolkit_kernels import ss2d_scan_attention_triton as spt
     mode, (Bb, Dd, H, W, N), dt_name, reduce, blocks, split = case
     ins = [t.detach() for t in kc.ss2d_inputs((Bb, Dd, H, W, N), kc.DTYPES[dt_name], device)]
     delta, A, B, C, bias = ins[1], ins[2], ins[3], ins[4], ins[6]
@@ -87,17 +88,17 @@ def compare(case, device: str) -> dict:
             qs = _queries(H, W)
             got = spt.ss2d_scan_rows_triton(delta, A, B, C, torch.tensor(qs), bias, True, reduce)  # (B, K, Q, L)
             if mode == "long":  # L x L matrices would not fit: the reference one query at a time
-                want = torch.stack([scan_paths.ss2d_scan_attention_ref(delta, A, B, C, bias, query=divmod(q, W),
+                want = torch.stack([ss2d_scan_attention_ref(delta, A, B, C, bias, query=divmod(q, W),
                                                                        channel_reduce=reduce)[0].flatten(-2)
                                     for q in qs], dim=2)
             else:
-                full = scan_paths.ss2d_scan_attention_ref(delta, A, B, C, bias, channel_reduce=reduce)[0]
+                full = ss2d_scan_attention_ref(delta, A, B, C, bias, channel_reduce=reduce)[0]
                 want = full[:, :, qs]
             got_m, want_m = got.sum(1), want.sum(1)
         else:
             q = None if mode == "full" else (H // 2, W - 2)
             got, got_m = spt.ss2d_scan_attention_triton(delta, A, B, C, bias, query=q, channel_reduce=reduce)
-            want, want_m = scan_paths.ss2d_scan_attention_ref(delta, A, B, C, bias, query=q, channel_reduce=reduce)
+            want, want_m = ss2d_scan_attention_ref(delta, A, B, C, bias, query=q, channel_reduce=reduce)
     finally:
         spt.BLOCK_OVERRIDE, spt.TARGET_PROGRAMS = None, 1024
     rtol, atol = TOL_LONG if mode == "long" else TOL[dt_name]
@@ -123,7 +124,7 @@ def _check(rec: dict):
 def _interpreted() -> dict:
     """Every CPU case, run once in one subprocess under TRITON_INTERPRET=1."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("TOOLKIT_FORCE_REF", None)
+    env.pop("TOOLKIT_SCAN_BACKEND", None)
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
                           cwd=Path(__file__).parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -150,17 +151,17 @@ def test_scan_paths_triton_matches_reference_on_gpu(case):
 
 @pytest.fixture
 def fake_triton(monkeypatch):
-    """Stands in for ``scan_paths_triton`` (no Triton needed) and records the calls that reach it."""
+    """Stands in for ``ss2d_scan_attention_triton`` (no Triton needed) and records the calls that reach it."""
     calls = []
-    mod = types.ModuleType("toolkit_kernels.scan_paths_triton")
+    mod = types.ModuleType("toolkit_kernels.ss2d_scan_attention_triton")
 
     def attention(delta, *args):
         calls.append(args)
-        return scan_paths.ss2d_scan_attention_ref(delta, *args)
+        return ss2d_scan_attention_ref(delta, *args)
 
     mod.ss2d_scan_attention_triton = attention
-    monkeypatch.setitem(sys.modules, "toolkit_kernels.scan_paths_triton", mod)
-    monkeypatch.delenv("TOOLKIT_FORCE_REF", raising=False)
+    monkeypatch.setitem(sys.modules, "toolkit_kernels.ss2d_scan_attention_triton", mod)
+    monkeypatch.delenv("TOOLKIT_SCAN_BACKEND", raising=False)
     return calls
 
 
@@ -172,38 +173,39 @@ def _inputs():
 def test_auto_runs_reference_on_cpu(fake_triton):
     args, kw = _inputs()
     for backend in (None, "auto"):
-        per, merged = scan_paths.ss2d_scan_attention(*args, **kw, query=(1, 1), backend=backend)
-        ref = scan_paths.ss2d_scan_attention_ref(*args, **kw, query=(1, 1))
+        per, merged = ss2d_scan_attention_fn(*args, **kw, query=(1, 1), backend=backend)
+        ref = ss2d_scan_attention_ref(*args, **kw, query=(1, 1))
         assert torch.equal(per, ref[0]) and torch.equal(merged, ref[1])
     assert not fake_triton
-    assert scan_paths._resolve(None, types.SimpleNamespace(is_cuda=True)) == "triton"  # auto on CUDA tensors
-    assert scan_paths._resolve("ref", types.SimpleNamespace(is_cuda=True)) == "ref"
+    cuda = types.SimpleNamespace(is_cuda=True)
+    assert resolve_backend("ss2d_scan_attention", None, cuda) == "triton"  # auto on CUDA tensors
+    assert resolve_backend("ss2d_scan_attention", "ref", cuda) == "ref"
 
 
 def test_triton_backend_is_called_with_the_same_arguments(fake_triton):
     args, kw = _inputs()
-    scan_paths.ss2d_scan_attention(*args, **kw, channel_reduce="none", backend="triton")
+    ss2d_scan_attention_fn(*args, **kw, channel_reduce="none", backend="triton")
     assert len(fake_triton) == 1 and fake_triton[0][-2:] == (None, "none")  # query, channel_reduce
 
 
-def test_force_ref_overrides_backend(fake_triton, monkeypatch):
-    monkeypatch.setenv("TOOLKIT_FORCE_REF", "1")
+def test_argument_overrides_environment(fake_triton, monkeypatch):
+    monkeypatch.setenv("TOOLKIT_SCAN_BACKEND", "ref")
     args, kw = _inputs()
-    per, _ = scan_paths.ss2d_scan_attention(*args, **kw, backend="triton")
-    assert not fake_triton and torch.equal(per, scan_paths.ss2d_scan_attention_ref(*args, **kw)[0])
-    assert scan_paths._resolve(None, types.SimpleNamespace(is_cuda=True)) == "ref"
+    per, _ = ss2d_scan_attention_fn(*args, **kw, backend="triton")
+    assert len(fake_triton) == 1 and torch.equal(per, ss2d_scan_attention_ref(*args, **kw)[0])
+    assert resolve_backend("ss2d_scan_attention", None, types.SimpleNamespace(is_cuda=True)) == "ref"
 
 
 def test_bad_arguments_fail_before_any_backend(fake_triton):
     args, kw = _inputs()
     with pytest.raises(ValueError, match="backend"):
-        scan_paths.ss2d_scan_attention(*args, **kw, backend="cuda-magic")
+        ss2d_scan_attention_fn(*args, **kw, backend="cuda-magic")
     for bad in ({"query": (3, 0)}, {"channel_reduce": "max"}):
         with pytest.raises(ValueError, match="outside|channel_reduce"):
-            scan_paths.ss2d_scan_attention(*args, **kw, **bad, backend="triton")
+            ss2d_scan_attention_fn(*args, **kw, **bad, backend="triton")
     ins = [t.detach() for t in kc.ss2d_inputs((1, 1, 33, 32, 1), torch.float32, "cpu")]
     with pytest.raises(ValueError, match="MAX_FULL_LEN|limited"):
-        scan_paths.ss2d_scan_attention(*ins[1:5], backend="triton")
+        ss2d_scan_attention_fn(*ins[1:5], backend="triton")
     assert not fake_triton
 
 

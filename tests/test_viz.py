@@ -50,7 +50,7 @@ def test_side_by_side_has_a_row_per_backbone_and_scores_in_titles(analyses):
     assert "no backbone map (6 modules skipped)" == titles[4 * list(analyses).index("maxvit-test") + 3]  # windowed only
 
 
-@pytest.mark.skipif(not scan_kernels_available(), reason="toolkit_kernels.ss2d_scan_attention missing")
+@pytest.mark.skipif(not scan_kernels_available(), reason="toolkit_kernels.ss2d_scan_attention_fn missing")
 def test_scan_path_figure_has_a_panel_per_direction_and_the_sum(analyses):
     fig = scan_path_figure(analyses["vmamba-test"])
     assert [a.text for a in fig.layout.annotations] == ["row-major", "column-major", "row-major reversed",

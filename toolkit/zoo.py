@@ -5,9 +5,9 @@ FLOPs follow the fvcore / VMamba convention: one multiply-add (MAC) counts as on
 - every op ``torch.utils.flop_counter.FlopCounterMode`` knows (matmul / linear / einsum, convolution, and
   scaled-dot-product attention), converted from its 2-per-MAC count to MACs (divided by 2);
 - the selective scans, which FlopCounterMode cannot see inside (the CUDA/Triton kernels are opaque, and the
-  reference's internals are not what fvcore counts either): during the counted forward the scan entry points the
-  models call (``toolkit_kernels.ss2d_scan_fn`` and ``toolkit_kernels.selective_scan_fn``) are replaced by stubs
-  that add VMamba's own analytic count and return zeros of the right shape. For a selective scan of batch B,
+  PyTorch paths' internals are not what fvcore counts either): during the counted forward a ``toolkit_kernels``
+  call hook answers every ``ss2d_scan_fn`` and ``selective_scan_fn`` call in the scan's place, adding VMamba's own
+  analytic count and returning zeros of the right shape. For a selective scan of batch B,
   length L, channels D and state N that count is ``9*B*L*D*N`` plus ``B*D*L`` for the D skip term (no z gate
   passes through either scan here), as in the official VMamba repository, MzeroMiko/VMamba,
   ``classification/models/vmamba.py``: ``flops_selective_scan_fn`` (and ``selective_scan_flop_jit``, which takes
@@ -23,11 +23,12 @@ model whose forward fails on ``meta`` is counted with real tensors on the CPU.
 from __future__ import annotations
 
 import contextlib
-from unittest import mock
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn as nn
+
+import toolkit_kernels
 
 ZOO_TAGS = ("paper", "embedded")
 
@@ -48,7 +49,8 @@ def scan_flops(batch: int, length: int, channels: int, d_state: int, with_d: boo
 
 
 class _ScanCounter:
-    """Stubs for the scan entry points: count the analytic FLOPs, return zeros of the output's shape and dtype.
+    """A ``toolkit_kernels`` call hook standing in for the scans: counts the analytic FLOPs, returns zeros of the
+    output's shape and dtype. Other ops (the scan-path maps) run as usual.
 
     The output stays connected to every input in the autograd graph (times zero), so a backward through it reaches
     the parameters that feed the scan; under ``no_grad`` no extra op runs.
@@ -66,6 +68,10 @@ class _ScanCounter:
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     y = y + t.sum().to(dtype) * 0
         return y
+
+    def __call__(self, op: str, args: dict[str, Any]) -> torch.Tensor | None:
+        stub = {"ss2d_scan": self.ss2d, "selective_scan": self.selective}.get(op)
+        return None if stub is None else stub(**args)
 
     def ss2d(self, x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True, backend=None):
         """x (B, D, H, W), delta (B, K, D, H, W), A (K*D, N) -> y (B, D, H, W) fp32 (``ss2d_scan_fn``'s contract)."""
@@ -85,13 +91,9 @@ class _ScanCounter:
 
 @contextlib.contextmanager
 def count_scans() -> Iterator[_ScanCounter]:
-    """Within the block, every scan the models call is counted (and not run): yields the counter. The models import
-    the entry points from ``toolkit_kernels`` at call time, so replacing them there reaches every model."""
-    import toolkit_kernels
-
+    """Within the block, every scan the models call is counted (and not run): yields the counter."""
     counter = _ScanCounter()
-    with mock.patch.object(toolkit_kernels, "ss2d_scan_fn", counter.ss2d), \
-            mock.patch.object(toolkit_kernels, "selective_scan_fn", counter.selective):
+    with toolkit_kernels.call_hook(counter):
         yield counter
 
 

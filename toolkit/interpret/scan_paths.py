@@ -2,7 +2,7 @@
 
 A selective scan mixes tokens through ``alpha[i, j] = C_i . prod_{k=j+1..i} exp(delta_k A) . delta_j B_j``
 along each of its K=4 directions; the row of the query patch, put back on the 2-D grid, shows which patches
-feed it and along which path. The math lives in ``toolkit_kernels.ss2d_scan_attention``; this module only
+feed it and along which path. The math lives in ``toolkit_kernels.ss2d_scan_attention_fn``; this module only
 captures each scan module's input (the ``scan_modules()`` contract), asks the module for its scan inputs
 (``ssm_inputs``) and places the query. Scans whose inputs are not in the 2-D layout (MambaVision's 1-D scans
 over windows) are skipped with a reason.
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+from toolkit_kernels import ss2d_scan_attention_fn
 
 
 @dataclass(frozen=True)
@@ -59,12 +61,10 @@ def scan_paths_from_inputs(backbone, inputs: dict[str, torch.Tensor], point: tup
         if s["delta"].dim() != 5:  # (B, K, D, H, W) is the 2-D layout the SS2D kernel reads
             skipped[name] = f"scan inputs are not 2-D (delta {tuple(s['delta'].shape)})"
             continue
-        from toolkit_kernels import ss2d_scan_attention  # imported only where a 2-D scan is there to read
-
         grid = tuple(s["delta"].shape[-2:])
         q = cell_of(point, grid)
-        per, merged = ss2d_scan_attention(s["delta"], s["A"], s["B"], s["C"], delta_bias=s["delta_bias"],
-                                          delta_softplus=True, query=q)  # (1, K, h, w), (1, h, w)
+        per, merged = ss2d_scan_attention_fn(s["delta"], s["A"], s["B"], s["C"], delta_bias=s["delta_bias"],
+                                             delta_softplus=True, query=q)  # (1, K, h, w), (1, h, w)
         paths[name] = ScanPath(per[0].float().cpu(), merged[0].float().cpu(), q, grid)
     return paths, skipped
 

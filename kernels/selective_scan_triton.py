@@ -1,24 +1,22 @@
-"""Fused Triton selective scan: SS2D (cross-scan + 4 directional scans + cross-merge) and the plain 1-D scan.
+"""``selective_scan_triton``: the fused Triton selective scan, whose kernel pair also runs SS2D for
+``ss2d_scan_triton`` (cross-scan + 4 directional scans + cross-merge in one launch).
 
-One kernel pair serves both. A program owns (batch b, group g, a block of channels) and walks the sequence in
-tiles of BLOCK_L positions: each tile is loaded straight from the spatial layout through direction g's index map
-(so no cross-scanned copy is ever written), scanned with ``tl.associative_scan`` and joined to the previous tile
-through the carried state. For SS2D the groups are the 4 directions, x is shared by all of them (group stride 0)
-and the outputs of the 4 directions meet in y through fp32 atomic adds (that is the cross-merge). For the 1-D scan
-the groups are mamba-ssm's B/C groups.
+A program owns (batch b, group g, a block of channels) and walks the sequence in tiles of BLOCK_L positions: each
+tile is loaded straight from the spatial layout through direction g's index map (so no cross-scanned copy is ever
+written), scanned with ``tl.associative_scan`` and joined to the previous tile through the carried state. For SS2D
+the groups are the 4 directions, x is shared by all of them (group stride 0) and the outputs of the 4 directions
+meet in y through fp32 atomic adds (that is the cross-merge). For the 1-D scan the groups are mamba-ssm's B/C groups.
 
 The backward walks the tiles in reverse: it recomputes each tile's states from the state saved at the tile's start
 by the forward (one (channels, N) state per tile, a few KB), runs the adjoint recurrence g_l = dh_l + a_{l+1} g_{l+1}
 as a reverse associative scan, and forms every gradient in the same pass. All arithmetic is fp32 whatever the input
-dtype; the reference it must match is ``ss2d_ref``.
+dtype; the definitions it must match are ``selective_scan_ref`` and ``ss2d_scan_ref``.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-_K = 4
 
 
 @triton.jit
@@ -192,9 +190,8 @@ BLOCK_OVERRIDE: tuple[int, int, int] | None = None
 
 def _blocks(Dg: int, N: int, L: int) -> tuple[int, int, int, int]:
     """(BLOCK_D, BLOCK_N, BLOCK_L, num_warps): few channels and long tiles, about 2048 fp32 elements per
-    (BLOCK_D, BLOCK_N, BLOCK_L) tensor. On an H100 at VMamba-T stage 1 (bf16, batch 64), (8, 1, 256, 4) ran the
-    forward in 1.1 ms and the backward in 4.4 ms, against 2.5 and 15.1 ms for (32, 1, 128, 4): more programs in
-    flight, fewer sequential tiles each."""
+    (BLOCK_D, BLOCK_N, BLOCK_L) tensor: more programs in flight, fewer sequential tiles each, ran faster on an H100
+    (benchmarks/RESULTS.md, "Measurements that were in docstrings")."""
     bn = triton.next_power_of_2(max(N, 1))
     if BLOCK_OVERRIDE is not None:
         return BLOCK_OVERRIDE[0], bn, BLOCK_OVERRIDE[1], BLOCK_OVERRIDE[2]
@@ -258,19 +255,8 @@ class _FusedScan(torch.autograd.Function):
                 None, None, None, None)
 
 
-def ss2d_scan_triton(x, delta, A, B, C, D=None, delta_bias=None, delta_softplus=True):
-    """Same contract as ``ss2d_ref.ss2d_scan_ref``: x (B, D, H, W), delta (B, 4, D, H, W), A (4D, N),
-    B, C (B, 4, N, H, W), D, delta_bias (4D,) -> y (B, D, H, W) fp32."""
-    Bb, Dd, H, W = x.shape
-    L = H * W
-    N = A.shape[1]
-    y = _FusedScan.apply(x.reshape(Bb, Dd, L), delta.reshape(Bb, _K * Dd, L), A, B.reshape(Bb, _K, N, L),
-                         C.reshape(Bb, _K, N, L), D, delta_bias, delta_softplus, True, H, W)
-    return y.view(Bb, Dd, H, W)
-
-
 def selective_scan_triton(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
-    """Same contract as ``ss2d_ref.selective_scan_ref``: u, delta (B, D, L); A (D, N); B, C (B, N, L) or grouped
+    """Same contract as ``selective_scan_ref``: u, delta (B, D, L); A (D, N); B, C (B, N, L) or grouped
     (B, G, N, L); D, delta_bias (D,) -> y (B, D, L) fp32."""
     if B.dim() == 3:
         B, C = B.unsqueeze(1), C.unsqueeze(1)

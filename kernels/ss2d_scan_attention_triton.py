@@ -1,8 +1,9 @@
-"""Scan-path maps in Triton: rows of the SS2D scan's implicit attention for a batch of query patches.
+"""``ss2d_scan_attention_triton``: the SS2D scan's implicit attention (scan-path maps) in Triton, built on
+``ss2d_scan_rows_triton``, its rows for a batch of query patches.
 
 For direction k, query patch q at scan position i = i_k(q) and input position j <= i:
     alpha[i, j] = sum_n C_i[n] * w_j[n] * dt_j B_j[n],   w_j = prod_{m=j+1..i} exp(dt_m A[n]),
-the definition that ``scan_paths.ss2d_scan_attention_ref`` evaluates in float64 from differences of cumulative sums.
+the definition that ``ss2d_scan_attention_ref`` evaluates in float64 from differences of cumulative sums.
 
 A program owns (batch b, direction k, query q, a split of the channel blocks). It walks the scan backwards from the
 query, in tiles of BLOCK_L positions read straight from the spatial layout through direction k's index map, and
@@ -21,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .ss2d_triton import _dt, _scan_pos
+from .cross_scan import K as _K
+from .selective_scan_triton import _dt, _scan_pos
 
-_K = 4
 TARGET_PROGRAMS = 1024  # channel blocks are split over programs until about this many run (query mode: few rows)
 
 
@@ -97,7 +98,7 @@ BLOCK_OVERRIDE: tuple[int, int] | None = None
 
 def _blocks(Dd: int, N: int, L: int) -> tuple[int, int, int]:
     """(BLOCK_D, BLOCK_N, BLOCK_L): long tiles, about 2048 fp32 elements per (BLOCK_D, BLOCK_N, BLOCK_L) tensor,
-    as in ``ss2d_triton._blocks``."""
+    as in ``selective_scan_triton._blocks``."""
     bn = triton.next_power_of_2(max(N, 1))
     if BLOCK_OVERRIDE is not None:
         return BLOCK_OVERRIDE[0], bn, BLOCK_OVERRIDE[1]
@@ -145,7 +146,7 @@ def ss2d_scan_rows_triton(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
 
 def ss2d_scan_attention_triton(delta, A, B, C, delta_bias=None, delta_softplus=True, query=None,
                                channel_reduce="mean"):
-    """Same contract as ``scan_paths.ss2d_scan_attention_ref`` (arguments already checked by the dispatcher):
+    """Same contract as ``ss2d_scan_attention_ref`` (arguments already checked by ``ss2d_scan_attention_fn``):
     query=(row, col) -> per (B, K, [D,] H, W), merged (B, [D,] H, W); query=None -> per (B, K, [D,] L, L),
     merged (B, [D,] L, L); fp32."""
     Bb, K, Dd, H, W = delta.shape

@@ -1,0 +1,44 @@
+"""``selective_scan_fn``: the 1-D selective scan in mamba-ssm's layout (MambaVision), dispatched by the package's
+backend rule to ``selective_scan_ref``, ``selective_scan_torch``, ``selective_scan_triton`` or mamba-ssm's CUDA
+kernel ("mamba")."""
+from __future__ import annotations
+
+import torch
+
+from .dispatch import resolve_backend, run_hooks
+from .selective_scan_ref import selective_scan_ref
+from .selective_scan_torch import selective_scan_torch
+
+
+def mamba_selective_scan():
+    """mamba-ssm's ``selective_scan_fn``, the "mamba" backend of both scans; its CUDA extension must be built."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        import selective_scan_cuda  # noqa: F401  (the compiled extension, not a CPU placeholder)
+    except ImportError as e:
+        raise ImportError("backend='mamba' needs mamba-ssm built with its CUDA extension "
+                          "(MAMBA_FORCE_BUILD=TRUE pip install mamba-ssm on a CUDA machine)") from e
+    return selective_scan_fn
+
+
+def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                      D: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
+                      delta_softplus: bool = False, backend: str | None = None) -> torch.Tensor:
+    """1-D selective scan in mamba-ssm's layout (for MambaVision).
+
+    u, delta: (B, D, L); A: (D, N); B, C: (B, N, L) or grouped (B, G, N, L); D, delta_bias: (D,).
+    Returns y (B, D, L) in u's dtype, as mamba-ssm does; the state is fp32 on every backend (fp64 for fp64 inputs
+    on "ref" and "torch"). ``backend``: by the rule in the package docstring.
+    """
+    backend = resolve_backend("selective_scan", backend, u)
+    args = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                backend=backend)
+    if (hooked := run_hooks("selective_scan", args)) is not None:
+        return hooked
+    if backend == "mamba":
+        return mamba_selective_scan()(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)
+    if backend == "triton":
+        from .selective_scan_triton import selective_scan_triton as scan
+    else:
+        scan = selective_scan_ref if backend == "ref" else selective_scan_torch
+    return scan(u, delta, A, B, C, D, delta_bias, delta_softplus).to(u.dtype)
