@@ -1,4 +1,4 @@
-"""MaxViT family: tap shapes, gradients, timm-format checkpoints, attention hooks, the paper's 196-token tap."""
+"""MaxViT family: timm-format checkpoints, attention hooks, the paper's 196-token tap against timm."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from toolkit.backbones import CheckpointMismatchError
-from toolkit.registry import create_backbone, list_backbones
+from toolkit.registry import create_backbone
 
 
 def _timm_state_dict(bb) -> dict[str, torch.Tensor]:
@@ -16,29 +16,6 @@ def _timm_state_dict(bb) -> dict[str, torch.Tensor]:
     sd["head.fc.weight"] = torch.randn(1000, bb.num_features)
     sd["head.fc.bias"] = torch.randn(1000)
     return sd
-
-
-def test_registered_names():
-    assert set(list_backbones(family="maxvit")) == {"maxvit-t-in1k-224-s3", "maxvit-scene-128-s3", "maxvit-test"}
-    assert list_backbones(family="maxvit", tag="embedded") == ["maxvit-scene-128-s3"]
-
-
-@pytest.mark.parametrize("name,grid,dim", [("maxvit-test", (4, 4), 32), ("maxvit-scene-128-s3", (8, 8), 128)])
-def test_tap_shape_and_grid(name, grid, dim):
-    bb = create_backbone(name).eval()
-    x = torch.randn(2, 3, *bb.data_config.img_size)
-    with torch.no_grad():
-        tokens = bb(x)
-    assert bb.grid() == grid and bb.embed_dim == dim
-    assert tokens.shape == (2, grid[0] * grid[1], dim)
-    assert torch.isfinite(tokens).all()
-
-
-def test_gradients_reach_input():
-    bb = create_backbone("maxvit-test")
-    x = torch.randn(2, 3, 64, 64, requires_grad=True)
-    (bb(x).square().mean() + bb.forward_pooled(x).square().mean()).backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_timm_checkpoint_roundtrip(tmp_path):

@@ -1,4 +1,4 @@
-"""Core pieces: box format, registry contract, connector layouts, the VLM's sequence assembly, persistence, resume."""
+"""Core pieces: box format, connector layouts, the VLM's sequence assembly, persistence, resume."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +6,6 @@ import torch
 
 from toolkit.boxes import box_iou, format_box, parse_box
 from toolkit.connector import MLPConnector, connector_depth
-from toolkit.registry import create_backbone, list_backbones
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -39,29 +38,6 @@ def test_format_box_roundtrip_and_iou():
     a = torch.tensor([0.0, 0.0, 2.0, 2.0])
     assert box_iou(a, a) == pytest.approx(1.0)
     assert box_iou(a, torch.tensor([1.0, 1.0, 3.0, 3.0])) == pytest.approx(1 / 7)
-
-
-TEST_BACKBONES = list_backbones(tag="test")
-
-
-@pytest.mark.parametrize("name", TEST_BACKBONES)
-def test_registry_contract_forward_backward(name):
-    bb = create_backbone(name)
-    h, w = bb.data_config.img_size
-    x = torch.randn(2, 3, h, w, requires_grad=True)
-    tokens = bb(x)
-    gh, gw = bb.grid()
-    assert tokens.shape == (2, gh * gw, bb.embed_dim)
-    assert torch.isfinite(tokens).all()
-    pooled = bb.forward_pooled(x)
-    assert pooled.shape == (2, bb.num_features)
-    (tokens.square().mean() + pooled.square().mean()).backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-
-
-def test_unknown_backbone_names_registry():
-    with pytest.raises(KeyError, match="list_backbones"):
-        create_backbone("no-such-backbone")
 
 
 @pytest.mark.parametrize("name,n_linear", [("mlp1x_gelu", 1), ("mlp2x_gelu", 2), ("mlp3x_gelu", 3),

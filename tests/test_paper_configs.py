@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from toolkit.paper import PAPER_CONFIGS, paper_table
-from toolkit.registry import list_backbones
+from toolkit.registry import backbone_entry, list_backbones
 
 # id: (visual tokens, weighted VQA, weighted Loc, weighted overall), as the paper and its release list them
 PAPER = {
@@ -40,6 +40,13 @@ def test_registered_config_reproduces_the_token_count(table, cid):
         pytest.skip(f"`{cid}` has no registered backbone")
     assert row["tokens_built"] == (c.tokens_built or c.tokens)
     assert row["tokens_paper"] == c.tokens
+
+
+def test_families_are_the_registry_families():
+    """Tables and figures group by these strings: one spelling per family, the registry's."""
+    for cid, c in PAPER_CONFIGS.items():
+        if cid in list_backbones():
+            assert c.family == backbone_entry(cid).family, cid
 
 
 def test_the_one_nominal_count_is_explained(table):

@@ -62,7 +62,7 @@ PAPER_CONFIGS: dict[str, PaperConfig] = {c.id: c for c in (
                 overall=60.78, tokens_built=4200,
                 note="4150 = (800//16)*(1333//16) is the release's nominal count; the padded stride-2 convolutions "
                      "give ceil(1333/16) = 84 columns, so the network emits 50 x 84 = 4200 tokens"),
-    PaperConfig("vit-adapter-deit-b-ade20k-512", "vit_adapter", "ViT-Adapter DeiT-B (UperNet)",
+    PaperConfig("vit-adapter-deit-b-ade20k-512", "vit-adapter", "ViT-Adapter DeiT-B (UperNet)",
                 "IN1K -> ADE20K seg", (512, 512), "shrink-and-pad", **_IN,
                 tap="adapter pyramid level at stride 16 (inferred from 1024 tokens)", tokens=1024, params_m=134,
                 vqa=60.69, loc=33.77, overall=57.07,

@@ -50,7 +50,7 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     """Base class: subclasses set ``family``, ``embed_dim``, ``num_features``, ``data_config`` and implement
     ``forward_tokens`` (tap), ``forward_pooled`` (whole network, for classification pretraining) and ``grid``."""
 
-    family: str = "?"
+    family: str  # no default: the registry reads it, and a subclass without one must fail there
     embed_dim: int
     num_features: int
     data_config: DataConfig

@@ -21,6 +21,7 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 
 from toolkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig
 from toolkit.registry import register_backbone
+from toolkit_kernels import selective_scan_fn
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,6 @@ class MambaVisionMixer(nn.Module):
                     C=c.transpose(1, 2).contiguous(), D=self.D.float(), delta_bias=self.dt_proj.bias.float(), z=z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from toolkit_kernels import selective_scan_fn
-
         s = self.ssm_inputs(x)
         y = selective_scan_fn(s["u"], s["delta"], s["A"], s["B"], s["C"], s["D"], s["delta_bias"], delta_softplus=True)
         y = torch.cat([y.to(x.dtype), s["z"]], dim=1)  # (B, D, L)
@@ -283,37 +282,37 @@ _L = MambaVisionConfig(dim=196, in_dim=64, depths=(3, 3, 10, 5), num_heads=(16, 
                        layer_scale=1e-5)
 
 
-@register_backbone("mambavision-t-in1k-224-s3", family="mambavision")
+@register_backbone
 def mambavision_t_in1k_224_s3(**kw) -> MambaVisionBackbone:
     """MambaVision-T stage 3 at 224 px: 14x14 = 196 tokens x 320 channels."""
     return _mambavision(_T, **kw)
 
 
-@register_backbone("mambavision-t2-in1k-224-s3", family="mambavision")
+@register_backbone
 def mambavision_t2_in1k_224_s3(**kw) -> MambaVisionBackbone:
     """MambaVision-T2 stage 3 at 224 px: 196 tokens x 320 channels."""
     return _mambavision(_T2, **kw)
 
 
-@register_backbone("mambavision-s-in1k-224-s3", family="mambavision")
+@register_backbone
 def mambavision_s_in1k_224_s3(**kw) -> MambaVisionBackbone:
     """MambaVision-S stage 3 at 224 px: 196 tokens x 384 channels."""
     return _mambavision(_S, **kw)
 
 
-@register_backbone("mambavision-b-in1k-224-s3", family="mambavision", tags=("paper",))
+@register_backbone(tags=("paper",))
 def mambavision_b_in1k_224_s3(**kw) -> MambaVisionBackbone:
     """MambaVision-B stage 3 at 224 px: 196 tokens x 512 channels (the study's MambaVision)."""
     return _mambavision(_B, **kw)
 
 
-@register_backbone("mambavision-l-in1k-224-s3", family="mambavision")
+@register_backbone
 def mambavision_l_in1k_224_s3(**kw) -> MambaVisionBackbone:
     """MambaVision-L stage 3 at 224 px: 196 tokens x 784 channels."""
     return _mambavision(_L, **kw)
 
 
-@register_backbone("mambavision-scene-128-s3", family="mambavision", tags=("embedded",))
+@register_backbone(tags=("embedded",))
 def mambavision_scene_128_s3(**kw) -> MambaVisionBackbone:
     """Embedded-world MambaVision: 128 px, stage 3 -> 8x8 = 64 tokens x 128 channels (one 8x8 window)."""
     cfg = MambaVisionConfig(img_size=128, dim=32, in_dim=16, depths=(1, 1, 2, 1), num_heads=(4, 8), window_size=(8, 4),
@@ -321,7 +320,7 @@ def mambavision_scene_128_s3(**kw) -> MambaVisionBackbone:
     return _mambavision(cfg, **kw)
 
 
-@register_backbone("mambavision-test", family="mambavision", tags=("test",))
+@register_backbone(tags=("test",))
 def mambavision_test(**kw) -> MambaVisionBackbone:
     """Tiny MambaVision for tests: 32 px, stage 3 -> 2x2 tokens x 32 channels; both hybrid stages hold a mixer
     and an attention block, with layer scale."""

@@ -83,13 +83,13 @@ def _maxvit(cfg: MaxViTConfig, **overrides) -> MaxViTBackbone:
     return MaxViTBackbone(replace(cfg, **overrides))
 
 
-@register_backbone("maxvit-t-in1k-224-s3", family="maxvit", tags=("paper",))
+@register_backbone(tags=("paper",))
 def maxvit_t_in1k_224_s3(**kw) -> MaxViTBackbone:
     """MaxViT-T (timm ``maxvit_tiny_tf_224``) stage 3 at 224 px: 14x14 = 196 tokens x 256 channels."""
     return _maxvit(MaxViTConfig(), **kw)
 
 
-@register_backbone("maxvit-scene-128-s3", family="maxvit", tags=("embedded",))
+@register_backbone(tags=("embedded",))
 def maxvit_scene_128_s3(**kw) -> MaxViTBackbone:
     """Embedded-world MaxViT: 128 px, stage 3 -> 8x8 = 64 tokens x 128 channels, about as many parameters as
     vit-scene-128 and vmamba-scene-128-s3 (the last stage keeps 128 channels for that). The early stages are
@@ -100,7 +100,7 @@ def maxvit_scene_128_s3(**kw) -> MaxViTBackbone:
     return _maxvit(cfg, **kw)
 
 
-@register_backbone("maxvit-test", family="maxvit", tags=("test",))
+@register_backbone(tags=("test",))
 def maxvit_test(**kw) -> MaxViTBackbone:
     """Tiny MaxViT for tests: 64 px (window 2), stage 3 -> 4x4 tokens x 32 channels."""
     cfg = MaxViTConfig(img_size=64, embed_dim=(8, 16, 32, 32), depths=(1, 1, 1, 1), stem_width=8, dim_head=8)

@@ -72,25 +72,25 @@ def _vit(cfg: ViTConfig, **overrides) -> ViTBackbone:
     return ViTBackbone(replace(cfg, **overrides))
 
 
-@register_backbone("vit-s-in1k-224", family="vit", tags=("paper",))
+@register_backbone(tags=("paper",))
 def vit_s_in1k_224(**kw) -> ViTBackbone:
     """ViT-S/16 at 224 px: 14x14 = 196 tokens (the study's ViT baseline)."""
     return _vit(ViTConfig(embed_dim=384, depth=12, num_heads=6), **kw)
 
 
-@register_backbone("vit-b-in1k-224", family="vit")
+@register_backbone
 def vit_b_in1k_224(**kw) -> ViTBackbone:
     """ViT-B/16 at 224 px: 196 tokens."""
     return _vit(ViTConfig(embed_dim=768, depth=12, num_heads=12), **kw)
 
 
-@register_backbone("vit-scene-128", family="vit", tags=("embedded",))
+@register_backbone(tags=("embedded",))
 def vit_scene_128(**kw) -> ViTBackbone:
     """Embedded-world ViT: 128 px, patch 16 -> 8x8 = 64 tokens x 128 channels, matched to vmamba-scene-128-s3."""
     return _vit(ViTConfig(img_size=128, embed_dim=128, depth=6, num_heads=4, mean=(0.5,) * 3, std=(0.25,) * 3), **kw)
 
 
-@register_backbone("vit-test", family="vit", tags=("test",))
+@register_backbone(tags=("test",))
 def vit_test(**kw) -> ViTBackbone:
     """Tiny ViT for tests: 32 px, patch 8 -> 4x4 tokens."""
     return _vit(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2), **kw)

@@ -355,7 +355,7 @@ def _init_adapter_weights(m: nn.Module) -> None:
 # -- the backbone ---------------------------------------------------------------------------------------------------
 
 class ViTAdapterBackbone(Backbone):
-    family = "vit_adapter"
+    family = "vit-adapter"
 
     def __init__(self, cfg: ViTAdapterConfig):
         super().__init__()
@@ -470,13 +470,13 @@ def _vit_adapter(cfg: ViTAdapterConfig, **overrides) -> ViTAdapterBackbone:
     return ViTAdapterBackbone(replace(cfg, **overrides))
 
 
-@register_backbone("vit-adapter-deit-b-ade20k-512", family="vit_adapter", tags=("paper",))
+@register_backbone(tags=("paper",))
 def vit_adapter_deit_b_ade20k_512(**kw) -> ViTAdapterBackbone:
     """ViT-Adapter-B (DeiT-B) from UperNet 160k on ADE20K, 512 px: stride-16 level, 32x32 = 1024 tokens x 768."""
     return _vit_adapter(ViTAdapterConfig(), **kw)
 
 
-@register_backbone("vit-adapter-test", family="vit_adapter", tags=("test",))
+@register_backbone(tags=("test",))
 def vit_adapter_test(**kw) -> ViTAdapterBackbone:
     """Tiny ViT-Adapter for tests: 64 px -> 4x4 tokens; 4 interactions of one block each, extra extractors on."""
     cfg = ViTAdapterConfig(img_size=64, embed_dim=32, depth=4, num_heads=2, pretrain_size=32, conv_inplane=8,

@@ -203,13 +203,13 @@ def _vitdet(cfg: ViTDetConfig, **overrides) -> ViTDetBackbone:
     return ViTDetBackbone(replace(cfg, **overrides))
 
 
-@register_backbone("vitdet-b-coco-1024", family="vitdet", tags=("paper",))
+@register_backbone(tags=("paper",))
 def vitdet_b_coco_1024(**kw) -> ViTDetBackbone:
     """ViTDet-B from Mask R-CNN (COCO) at 1024 px: last block, 64x64 = 4096 tokens x 768 channels."""
     return _vitdet(ViTDetConfig(), **kw)
 
 
-@register_backbone("vitdet-test", family="vitdet", tags=("test",))
+@register_backbone(tags=("test",))
 def vitdet_test(**kw) -> ViTDetBackbone:
     """Tiny ViTDet for tests: 32 px, patch 8 -> 4x4 tokens; window 3 (padded windows), block 2 global."""
     cfg = ViTDetConfig(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, window_size=3,

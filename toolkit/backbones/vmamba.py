@@ -26,6 +26,7 @@ from timm.layers import DropPath
 
 from toolkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig
 from toolkit.registry import register_backbone
+from toolkit_kernels import ss2d_scan_fn
 
 
 @dataclass(frozen=True)
@@ -126,8 +127,6 @@ class SS2D(nn.Module):
         return self._scan_inputs(self._branches(x)[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from toolkit_kernels import ss2d_scan_fn
-
         u, z = self._branches(x)
         s = self._scan_inputs(u)
         y = ss2d_scan_fn(s["u"], s["delta"], s["A"], s["B"], s["C"], s["D"], s["delta_bias"], delta_softplus=True)
@@ -309,31 +308,31 @@ _V0_TINY = VMambaConfig(depths=(2, 2, 9, 2), dims=96, d_state=16, ssm_ratio=2.0,
 _DENSE = dict(dense=True, resize="shrink-and-pad")
 
 
-@register_backbone("vmamba-t-in1k-224-s3", family="vmamba")
+@register_backbone
 def vmamba_t_in1k_224_s3(**kw) -> VMambaBackbone:
     """VMamba-T (s1l8) stage 3 at 224 px: 196 tokens x 384 channels."""
     return _vmamba(_TINY, **kw)
 
 
-@register_backbone("vmamba-s-in1k-224-s3", family="vmamba", tags=("paper",))
+@register_backbone(tags=("paper",))
 def vmamba_s_in1k_224_s3(**kw) -> VMambaBackbone:
     """VMamba-S (s2l15) stage 3 at 224 px: 196 tokens (the study's best backbone)."""
     return _vmamba(_SMALL, **kw)
 
 
-@register_backbone("vmamba-b-in1k-224-s3", family="vmamba")
+@register_backbone
 def vmamba_b_in1k_224_s3(**kw) -> VMambaBackbone:
     """VMamba-B (s2l15) stage 3 at 224 px: 196 tokens x 512 channels."""
     return _vmamba(_BASE, **kw)
 
 
-@register_backbone("vmamba-v0-t-in1k-224-s3", family="vmamba")
+@register_backbone
 def vmamba_v0_t_in1k_224_s3(**kw) -> VMambaBackbone:
     """Vanilla VMamba-T (v0) stage 3 at 224 px: 196 tokens x 384 channels."""
     return _vmamba(_V0_TINY, **kw)
 
 
-@register_backbone("vmamba-s-coco-1333x800", family="vmamba", tags=("paper",))
+@register_backbone(tags=("paper",))
 def vmamba_s_coco_1333x800(**kw) -> VMambaBackbone:
     """VMamba-S from Mask R-CNN (COCO), stage 3 at 1333x800: stride 16 -> 50 x 84 = 4200 tokens x 384 channels.
 
@@ -342,13 +341,13 @@ def vmamba_s_coco_1333x800(**kw) -> VMambaBackbone:
     return _vmamba(_SMALL, img_size=(800, 1333), **_DENSE, **kw)
 
 
-@register_backbone("vmamba-s-ade20k-512", family="vmamba", tags=("paper",))
+@register_backbone(tags=("paper",))
 def vmamba_s_ade20k_512(**kw) -> VMambaBackbone:
     """VMamba-S from UperNet (ADE20K), stage 3 at 512 px: stride 16 -> 32 x 32 = 1024 tokens x 384 channels."""
     return _vmamba(_SMALL, img_size=512, **_DENSE, **kw)
 
 
-@register_backbone("vmamba-scene-128-s3", family="vmamba", tags=("embedded",))
+@register_backbone(tags=("embedded",))
 def vmamba_scene_128_s3(**kw) -> VMambaBackbone:
     """Embedded-world VMamba: 128 px, stage 3 -> 8x8 = 64 tokens x 128 channels, matched to vit-scene-128."""
     cfg = VMambaConfig(img_size=128, depths=(1, 1, 2, 1), dims=32, ssm_ratio=1.0, drop_path_rate=0.05,
@@ -356,19 +355,19 @@ def vmamba_scene_128_s3(**kw) -> VMambaBackbone:
     return _vmamba(cfg, **kw)
 
 
-@register_backbone("vmamba-test", family="vmamba", tags=("test",))
+@register_backbone(tags=("test",))
 def vmamba_test(**kw) -> VMambaBackbone:
     """Tiny VMamba for tests: 32 px, stage 3 -> 2x2 tokens."""
     return _vmamba(VMambaConfig(img_size=32, depths=(1, 1, 1, 1), dims=8, d_state=2, drop_path_rate=0.0), **kw)
 
 
-@register_backbone("vmamba-v0-test", family="vmamba", tags=("test",))
+@register_backbone(tags=("test",))
 def vmamba_v0_test(**kw) -> VMambaBackbone:
     """Tiny vanilla (v0) VMamba for tests: 32 px, stage 3 -> 2x2 tokens."""
     return _vmamba(replace(_V0_TINY, img_size=32, depths=(1, 1, 1, 1), dims=8, d_state=2, drop_path_rate=0.0), **kw)
 
 
-@register_backbone("vmamba-dense-test", family="vmamba", tags=("test",))
+@register_backbone(tags=("test",))
 def vmamba_dense_test(**kw) -> VMambaBackbone:
     """Tiny dense-layout VMamba for tests: 48x32 input (non-square), stage 3 -> 3x2 tokens, trained tap norm."""
     return _vmamba(VMambaConfig(img_size=(48, 32), depths=(1, 1, 1, 1), dims=8, d_state=2, drop_path_rate=0.0,
