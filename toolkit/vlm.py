@@ -108,7 +108,7 @@ class VLM(nn.Module):
         """PIL image -> normalised ``(3, H, W)`` model input and the geometry that maps boxes back."""
         dc = self.backbone.data_config
         img, geom = apply_geometry(image, dc.img_size, self.resize, fill=mean_fill(dc.mean))
-        return normalize(torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1), dc.mean, dc.std), geom
+        return normalize(torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1), dc.mean, dc.std), geom
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
