@@ -143,7 +143,7 @@ class VLM(nn.Module):
         image_mask = torch.tensor([padded(r, False) for r in img_rows], device=dev)
         embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, d)
         vis = self.connector(visual_tokens.to(dev, embeds.dtype))  # (B, N, d)
-        embeds = embeds.masked_scatter(image_mask[..., None], vis)
+        embeds = embeds.masked_scatter(image_mask[..., None], vis.to(embeds.dtype))  # autocast: vis may be bf16
         labels = None if answers is None else torch.tensor([padded(r, IGNORE_INDEX) for r in label_rows], device=dev)
         return Batch(embeds, attn, labels, image_mask, input_ids)
 
