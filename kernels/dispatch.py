@@ -10,8 +10,8 @@ import torch
 
 # Per op, the backends it has; "auto" is valid for every op and resolves to one of them.
 BACKENDS: dict[str, tuple[str, ...]] = {
-    "selective_scan": ("ref", "torch", "triton", "mamba"),
-    "ss2d_scan": ("ref", "torch", "triton", "mamba"),
+    "selective_scan": ("ref", "torch", "cpp", "triton", "mamba"),
+    "ss2d_scan": ("ref", "torch", "cpp", "triton", "mamba"),
     "ss2d_scan_attention": ("ref", "triton"),
 }
 NAMES = ("auto",) + tuple(dict.fromkeys(b for bs in BACKENDS.values() for b in bs))
@@ -49,11 +49,24 @@ def resolve_backend(op: str, backend: str | None, t: torch.Tensor) -> str:
     else:
         name = _scoped[-1] if _scoped else _check_name(os.environ.get(ENV_VAR) or "auto", ENV_VAR)
         # One process-wide setting has to serve every op a model or tool calls, so an op it does not fit runs auto.
-        if name not in own:
+        if name not in own or (name == "cpp" and not _cpp_runs(t)):
             name = "auto"
     if name == "auto":
-        return "triton" if t.is_cuda else ("torch" if "torch" in own else "ref")
+        if t.is_cuda:
+            return "triton"
+        if "cpp" in own and _cpp_runs(t):
+            return "cpp"
+        return "torch" if "torch" in own else "ref"
     return name
+
+
+def _cpp_runs(t) -> bool:
+    """Whether "cpp" can run a call on ``t``: a CPU tensor, and the extension builds (the first call of the
+    process builds it; where it cannot, one warning says why)."""
+    if getattr(getattr(t, "device", None), "type", None) != "cpu":
+        return False
+    from .selective_scan_cpp import cpp_available
+    return cpp_available()
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """``selective_scan_fn``: the 1-D selective scan in mamba-ssm's layout (MambaVision), dispatched by the package's
-backend rule to ``selective_scan_ref``, ``selective_scan_torch``, ``selective_scan_triton`` or mamba-ssm's CUDA
-kernel ("mamba")."""
+backend rule to ``selective_scan_ref``, ``selective_scan_torch``, ``selective_scan_cpp``, ``selective_scan_triton`` or
+mamba-ssm's CUDA kernel ("mamba")."""
 from __future__ import annotations
 
 import torch
@@ -28,7 +28,7 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
 
     u, delta: (B, D, L); A: (D, N); B, C: (B, N, L) or grouped (B, G, N, L); D, delta_bias: (D,).
     Returns y (B, D, L) in u's dtype, as mamba-ssm does; the state is fp32 on every backend (fp64 for fp64 inputs
-    on "ref" and "torch"). ``backend``: by the rule in the package docstring.
+    on "ref", "torch" and "cpp"). ``backend``: by the rule in the package docstring.
     """
     backend = resolve_backend("selective_scan", backend, u)
     args = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus,
@@ -39,6 +39,8 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
         return mamba_selective_scan()(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)
     if backend == "triton":
         from .selective_scan_triton import selective_scan_triton as scan
+    elif backend == "cpp":
+        from .selective_scan_cpp import selective_scan_cpp as scan
     else:
         scan = selective_scan_ref if backend == "ref" else selective_scan_torch
     return scan(u, delta, A, B, C, D, delta_bias, delta_softplus).to(u.dtype)

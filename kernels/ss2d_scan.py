@@ -1,6 +1,6 @@
 """``ss2d_scan_fn``: VMamba's SS2D scan (cross-scan -> 4 directional selective scans -> cross-merge), dispatched by
-the package's backend rule to ``ss2d_scan_ref``, ``ss2d_scan_torch``, ``ss2d_scan_triton`` or mamba-ssm's CUDA
-selective scan between PyTorch cross-scan and cross-merge ("mamba")."""
+the package's backend rule to ``ss2d_scan_ref``, ``ss2d_scan_torch``, ``ss2d_scan_cpp``, ``ss2d_scan_triton`` or
+mamba-ssm's CUDA selective scan between PyTorch cross-scan and cross-merge ("mamba")."""
 from __future__ import annotations
 
 import torch
@@ -28,8 +28,8 @@ def ss2d_scan_fn(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     """VMamba v2 SS2D scan, channel-first, inputs in spatial layout.
 
     x: (B, D, H, W); delta: (B, K=4, D, H, W) raw dt (before bias and softplus); A: (K*D, N), negative;
-    B, C: (B, K, N, H, W); D, delta_bias: (K*D,). Returns y (B, D, H, W) in fp32 (fp64 for fp64 inputs on "ref"
-    and "torch"). ``backend``: by the rule in the package docstring.
+    B, C: (B, K, N, H, W); D, delta_bias: (K*D,). Returns y (B, D, H, W) in fp32 (fp64 for fp64 inputs on "ref",
+    "torch" and "cpp"). ``backend``: by the rule in the package docstring.
     """
     backend = resolve_backend("ss2d_scan", backend, x)
     args = dict(x=x, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus,
@@ -40,6 +40,8 @@ def ss2d_scan_fn(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
         return _ss2d_scan_mamba(x, delta, A, B, C, D, delta_bias, delta_softplus)
     if backend == "triton":
         from .ss2d_scan_triton import ss2d_scan_triton as scan
+    elif backend == "cpp":
+        from .ss2d_scan_cpp import ss2d_scan_cpp as scan
     else:
         scan = ss2d_scan_ref if backend == "ref" else ss2d_scan_torch
     return scan(x, delta, A, B, C, D, delta_bias, delta_softplus)

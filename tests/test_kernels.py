@@ -27,6 +27,12 @@ from toolkit_kernels.ss2d_scan_torch import to_scan_order_lfirst
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def auto_cpu() -> str:
+    """What "auto" runs on CPU tensors here: "cpp" where its extension builds, else "torch" (tests/test_scan_cpp.py)."""
+    from toolkit_kernels.selective_scan_cpp import cpp_available
+    return "cpp" if cpp_available() else "torch"
+
+
 @pytest.mark.parametrize("shape", [(2, 5, 1, 1), (1, 3, 17, 4), (2, 4, 64, 16)])
 def test_selective_scan_torch_matches_definition(shape):
     Bb, Dd, L, N = shape
@@ -98,7 +104,8 @@ def test_long_sequence_is_finite_in_half_precision(backend):
 def test_dispatch(monkeypatch):
     monkeypatch.delenv("TOOLKIT_SCAN_BACKEND", raising=False)
     ins = kc.ss2d_inputs((1, 2, 3, 3, 2), torch.float32, "cpu")
-    assert torch.equal(ss2d_scan_fn(*ins), ss2d_scan_torch(*ins))  # auto -> torch on CPU tensors
+    assert torch.equal(ss2d_scan_fn(*ins), ss2d_scan_fn(*ins, backend=auto_cpu()))  # auto on CPU tensors
+    assert torch.equal(ss2d_scan_fn(*ins, backend="torch"), ss2d_scan_torch(*ins))
     assert torch.equal(ss2d_scan_fn(*ins, backend="ref"), ss2d_scan_ref(*ins))
     with pytest.raises(ValueError, match="backend"):
         ss2d_scan_fn(*ins, backend="cuda-magic")
@@ -119,7 +126,7 @@ def test_backend_rule_precedence(monkeypatch):
         return seen[0]
 
     monkeypatch.delenv("TOOLKIT_SCAN_BACKEND", raising=False)
-    assert picked(ss2d_scan_fn, *ins) == "torch"  # auto on CPU tensors
+    assert picked(ss2d_scan_fn, *ins) == auto_cpu()  # auto on CPU tensors
     assert picked(ss2d_scan_attention_fn, *maps_args, query=(0, 0)) == "ref"  # auto, for an op without torch
     assert resolve_backend("ss2d_scan", None, types.SimpleNamespace(is_cuda=True)) == "triton"  # auto on CUDA
     monkeypatch.setenv("TOOLKIT_SCAN_BACKEND", "ref")
@@ -130,9 +137,9 @@ def test_backend_rule_precedence(monkeypatch):
             assert picked(ss2d_scan_fn, *ins) == "mamba"  # the innermost block
             assert picked(ss2d_scan_attention_fn, *maps_args, query=(0, 0)) == "ref"  # not its backend: auto
             assert picked(ss2d_scan_fn, *ins, backend="torch") == "torch"  # the argument over every block
-            assert picked(ss2d_scan_fn, *ins, backend="auto") == "torch"
+            assert picked(ss2d_scan_fn, *ins, backend="auto") == auto_cpu()
     with scan_backend("auto"):
-        assert picked(selective_scan_fn, *kc.scan1d_inputs((1, 2, 5, 2, 1), torch.float32, "cpu")) == "torch"
+        assert picked(selective_scan_fn, *kc.scan1d_inputs((1, 2, 5, 2, 1), torch.float32, "cpu")) == auto_cpu()
     with pytest.raises(ValueError, match="has no backend"):
         ss2d_scan_attention_fn(*maps_args, query=(0, 0), backend="torch")
     with pytest.raises(ValueError, match="scan_backend"):
@@ -160,8 +167,9 @@ def test_call_hook_sees_every_call_and_may_answer_it(monkeypatch):
         ss2d_scan_fn(*x)
         ss2d_scan_attention_fn(*[t.detach() for t in x[1:5]], query=(1, 1))
     assert torch.equal(y, torch.full((1, 2, 5), 7.0))  # the innermost hook's answer, in the op's place
-    assert seen == [("selective_scan", "torch", {"u": (1, 2, 5)}), ("selective_scan", "ref", {"u": (1, 2, 5)}),
-                    ("ss2d_scan", "torch", {"x": (1, 2, 3, 3)}), ("ss2d_scan_attention", "ref", {})]
+    auto = auto_cpu()
+    assert seen == [("selective_scan", auto, {"u": (1, 2, 5)}), ("selective_scan", "ref", {"u": (1, 2, 5)}),
+                    ("ss2d_scan", auto, {"x": (1, 2, 3, 3)}), ("ss2d_scan_attention", "ref", {})]
     selective_scan_fn(*u)
     assert len(seen) == 4  # the hook is gone after its block
 
