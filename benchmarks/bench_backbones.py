@@ -16,6 +16,7 @@ than it). Weights are random: nothing is downloaded; throughput does not depend 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -29,6 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_NAMES = ("vit-s-in1k-224", "maxvit-t-in1k-224-s3", "mambavision-b-in1k-224-s3", "vmamba-s-in1k-224-s3")
+# On the CPU the state-space backbones also run with the plain PyTorch scan, so the compiled scan's gain shows side by
+# side: a name may end in "[backend]" (toolkit_kernels' scan backends).
+CPU_SCAN_ROWS = ("mambavision-b-in1k-224-s3[torch]", "vmamba-s-in1k-224-s3[torch]")
 FAMILY_ORDER = ("vit", "maxvit", "mambavision", "vmamba")  # the order of DEFAULT_NAMES: ratios are against ViT
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,10 +48,17 @@ def embedded_names() -> list[str]:
     return sorted(list_backbones(tag="embedded"), key=key)
 
 
+def split_backend(name: str) -> tuple[str, str | None]:
+    """``"vmamba-s-in1k-224-s3[torch]"`` -> (``"vmamba-s-in1k-224-s3"``, ``"torch"``); no suffix: (name, None)."""
+    base, _, rest = name.partition("[")
+    return base, (rest.rstrip("]") or None)
+
+
 def build(name: str, img_size: int | None, device: str):
     """``name`` on ``device``, at ``img_size`` (square) if given and not its configured size, else its own."""
     from toolkit.registry import create_backbone
 
+    name = split_backend(name)[0]
     model = create_backbone(name)
     if img_size is not None and tuple(model.data_config.img_size) != (img_size, img_size):
         model = create_backbone(name, img_size=img_size)
@@ -64,12 +75,18 @@ class Bench:
 
     def __init__(self, name: str, batch: int, device: str, dtype: str, img_size: int | None, lr: float = 1e-5):
         self.name, self.device, self.dtype, self.batch = name, device, dtype, batch
+        self.backend = split_backend(name)[1]
         self.model = build(name, img_size, device)
         self.hw = tuple(self.model.data_config.img_size)
         self.params = sum(p.numel() for p in self.model.parameters())
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(batch, 3, *self.hw, generator=g).to(device)
+
+    def _scan(self):
+        from toolkit_kernels import scan_backend
+
+        return scan_backend(self.backend) if self.backend else contextlib.nullcontext()
 
     def _autocast(self):
         dt = DTYPES[self.dtype]
@@ -80,7 +97,7 @@ class Bench:
         self.model.eval()
         _sync(self.device)
         t0 = time.perf_counter()
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._autocast(), self._scan():
             self.model.forward_tokens(self.x if x is None else x)
         _sync(self.device)
         return time.perf_counter() - t0
@@ -90,7 +107,7 @@ class Bench:
         _sync(self.device)
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        with self._autocast():
+        with self._autocast(), self._scan():
             tokens = self.model.forward_tokens(self.x if x is None else x)
         tokens.float().square().mean().backward()
         self.opt.step()
@@ -166,7 +183,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = ([n.strip() for n in args.names.split(",") if n.strip()] if args.names
-             else embedded_names() if args.embedded else list(DEFAULT_NAMES))
+             else embedded_names() if args.embedded else list(DEFAULT_NAMES) + ([] if cuda else list(CPU_SCAN_ROWS)))
     batch = args.batch or (32 if args.embedded else 64 if cuda else 8)
     steps = args.steps or (20 if cuda else 5 if args.embedded else 3)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)

@@ -84,6 +84,24 @@ def model_layout_inputs(Bb: int, Dd: int, H: int, W: int, N: int = 1) -> list[to
     return [x, delta, A, B, C, torch.ones(4 * Dd), 0.1 * torch.randn(4 * Dd, generator=g)]
 
 
+def copy_bandwidth_gbs(mib: int = 256, reps: int = 5) -> float:
+    """This machine's memory bandwidth as a large fp32 copy moves it (read + write bytes / time), best of ``reps``."""
+    src = torch.randn(mib * 2 ** 18)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def scan_bytes(ins: list[torch.Tensor]) -> int:
+    """The least a forward SS2D scan must move: read x, delta, B, C (and A, D, bias), write y (fp32, once each)."""
+    x = ins[0]
+    return 4 * (sum(t.numel() for t in ins) + x.numel())
+
+
 def time_scan(ins: list[torch.Tensor], backends, warmup: int, reps: int) -> dict:
     """Median ms of forward (no_grad) and forward+backward per backend, interleaved."""
     leaves = [t.detach().requires_grad_() for t in ins]
@@ -155,18 +173,24 @@ def main(argv=None) -> dict:
         Dd, hw = 192 * 2 ** i, 56 // 2 ** i
         shapes.append((f"S-224 s{i + 1} {Dd}x{hw}x{hw} (B={args.s224_batch})",
                        model_layout_inputs(args.s224_batch, Dd, hw, hw)))
-    print("\nSS2D scan, ms (median of %d); ratio = torch / cpp" % args.reps)
+    bw = out["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
+    print(f"\nmemory bandwidth (256 MiB fp32 copy, best of 5): {bw:.1f} GB/s; bound = the forward's least bytes "
+          "(inputs read once, y written once) at that bandwidth")
+    print("SS2D scan, ms (median of %d); ratio = torch / cpp; x bound = fwd cpp / bound" % args.reps)
     head = f"| {'shape':<34} | {'fwd torch':>9} | {'fwd cpp':>8} | {'ratio':>6} | {'f+b torch':>9} | " \
-           f"{'f+b cpp':>8} | {'ratio':>6} |"
+           f"{'f+b cpp':>8} | {'ratio':>6} | {'bound':>6} | {'x bound':>7} |"
     print(head + "\n|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|", flush=True)
     out["scan"] = []
     for label, ins in shapes:
         t = time_scan(ins, BACKENDS, args.warmup, args.reps)
-        row = {"shape": label, **{f"{k}_{b}_ms": t[b][k] for b in BACKENDS for k in ("fwd", "fwdbwd")}}
+        bound = 1e3 * scan_bytes(ins) / (bw * 1e9)
+        row = {"shape": label, **{f"{k}_{b}_ms": t[b][k] for b in BACKENDS for k in ("fwd", "fwdbwd")},
+               "fwd_bound_ms": bound}
         out["scan"].append(row)
         print(f"| {label:<34} | {t['torch']['fwd']:9.2f} | {t['cpp']['fwd']:8.2f} | "
               f"{t['torch']['fwd'] / t['cpp']['fwd']:6.1f} | {t['torch']['fwdbwd']:9.2f} | {t['cpp']['fwdbwd']:8.2f} | "
-              f"{t['torch']['fwdbwd'] / t['cpp']['fwdbwd']:6.1f} |", flush=True)
+              f"{t['torch']['fwdbwd'] / t['cpp']['fwdbwd']:6.1f} | {bound:6.2f} | {t['cpp']['fwd'] / bound:7.1f} |",
+              flush=True)
     del shapes
 
     if not args.no_train:
