@@ -36,12 +36,8 @@ def to_grid_merged_lfirst(ys: torch.Tensor, H: int, W: int) -> torch.Tensor:
 def ss2d_scan_torch(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                     D: torch.Tensor | None = None, delta_bias: torch.Tensor | None = None,
                     delta_softplus: bool = True) -> torch.Tensor:
-    """SS2D scan (VMamba v2, channel-first): cross-scan -> selective scan per direction -> cross-merge.
-
-    x: (B, D, H, W); delta: (B, K, D, H, W) raw dt in spatial layout; A: (K*D, N); B, C: (B, K, N, H, W) spatial;
-    D, delta_bias: (K*D,). Direction k uses channels k*D..(k+1)*D-1 of A/D/delta_bias and B[:, k], C[:, k], each
-    read in direction k's order. Returns y (B, D, H, W) in fp32 (fp64 for fp64 inputs).
-    """
+    """``ss2d_scan_ref``'s contract (shapes, dtypes, directions), vectorised: all four directions as one
+    L-first scan with a hand-written backward."""
     Bb, Dd, H, W = x.shape
     L, acc = H * W, acc_dtype(x)
     xs = to_scan_order_lfirst(x.to(acc)).view(L, Bb, K * Dd)
