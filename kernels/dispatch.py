@@ -3,6 +3,7 @@ docstring (``toolkit_kernels.__doc__``), which is their only description."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from typing import Any, Callable, Iterator
 
@@ -88,3 +89,16 @@ def run_hooks(op: str, args: dict[str, Any]) -> Any:
         if result is None:
             result = out
     return result
+
+
+def prepare(op: str, backend: str | None, t: torch.Tensor, args: dict[str, Any]) -> tuple[str, Any]:
+    """What every ``<op>_fn`` does first: pick the backend for a call on ``t`` and run the call hooks with ``args``
+    (the call's arguments by name). Returns (backend, the hooks' answer or None)."""
+    backend = resolve_backend(op, backend, t)
+    return backend, run_hooks(op, {**args, "backend": backend})
+
+
+def implementation(op: str, backend: str) -> Callable[..., Any]:
+    """``<op>_<backend>`` from the file of that name: the naming rule is the lookup, and a backend's module (Triton,
+    the C++ build) is imported only when a call runs it."""
+    return getattr(importlib.import_module(f".{op}_{backend}", __package__), f"{op}_{backend}")

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import resolve_backend, run_hooks
-from .selective_scan_ref import selective_scan_ref
-from .selective_scan_torch import selective_scan_torch
+from .dispatch import implementation, prepare
 
 
 def mamba_selective_scan():
@@ -30,17 +28,10 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     Returns y (B, D, L) in u's dtype, as mamba-ssm does; the state is fp32 on every backend (fp64 for fp64 inputs
     on "ref", "torch" and "cpp"). ``backend``: by the rule in the package docstring.
     """
-    backend = resolve_backend("selective_scan", backend, u)
-    args = dict(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                backend=backend)
-    if (hooked := run_hooks("selective_scan", args)) is not None:
+    backend, hooked = prepare("selective_scan", backend, u, dict(u=u, delta=delta, A=A, B=B, C=C, D=D,
+                                                                 delta_bias=delta_bias, delta_softplus=delta_softplus))
+    if hooked is not None:
         return hooked
     if backend == "mamba":
         return mamba_selective_scan()(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=delta_softplus)
-    if backend == "triton":
-        from .selective_scan_triton import selective_scan_triton as scan
-    elif backend == "cpp":
-        from .selective_scan_cpp import selective_scan_cpp as scan
-    else:
-        scan = selective_scan_ref if backend == "ref" else selective_scan_torch
-    return scan(u, delta, A, B, C, D, delta_bias, delta_softplus).to(u.dtype)
+    return implementation("selective_scan", backend)(u, delta, A, B, C, D, delta_bias, delta_softplus).to(u.dtype)

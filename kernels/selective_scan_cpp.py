@@ -93,9 +93,10 @@ def cpp_available() -> bool:
     except RuntimeError as e:
         if not _state["warned"]:
             _state["warned"] = True
-            # stacklevel: the line that called the op's ``_fn`` (cpp_available < _cpp_runs < resolve_backend < _fn)
+            # stacklevel: the line that called the op's ``_fn``
+            # (cpp_available < _cpp_runs < resolve_backend < prepare < _fn)
             warnings.warn(f"toolkit_kernels: {e}; CPU scans run on the 'torch' backend", RuntimeWarning,
-                          stacklevel=5)
+                          stacklevel=6)
         return False
     return True
 

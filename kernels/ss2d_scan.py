@@ -6,10 +6,8 @@ from __future__ import annotations
 import torch
 
 from .cross_scan import K, cross_merge, cross_scan, to_scan_order
-from .dispatch import resolve_backend, run_hooks
+from .dispatch import implementation, prepare
 from .selective_scan import mamba_selective_scan
-from .ss2d_scan_ref import ss2d_scan_ref
-from .ss2d_scan_torch import ss2d_scan_torch
 
 
 def _ss2d_scan_mamba(x, delta, A, B, C, D, delta_bias, delta_softplus) -> torch.Tensor:
@@ -31,17 +29,10 @@ def ss2d_scan_fn(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
     B, C: (B, K, N, H, W); D, delta_bias: (K*D,). Returns y (B, D, H, W) in fp32 (fp64 for fp64 inputs on "ref",
     "torch" and "cpp"). ``backend``: by the rule in the package docstring.
     """
-    backend = resolve_backend("ss2d_scan", backend, x)
-    args = dict(x=x, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                backend=backend)
-    if (hooked := run_hooks("ss2d_scan", args)) is not None:
+    backend, hooked = prepare("ss2d_scan", backend, x, dict(x=x, delta=delta, A=A, B=B, C=C, D=D,
+                                                            delta_bias=delta_bias, delta_softplus=delta_softplus))
+    if hooked is not None:
         return hooked
     if backend == "mamba":
         return _ss2d_scan_mamba(x, delta, A, B, C, D, delta_bias, delta_softplus)
-    if backend == "triton":
-        from .ss2d_scan_triton import ss2d_scan_triton as scan
-    elif backend == "cpp":
-        from .ss2d_scan_cpp import ss2d_scan_cpp as scan
-    else:
-        scan = ss2d_scan_ref if backend == "ref" else ss2d_scan_torch
-    return scan(x, delta, A, B, C, D, delta_bias, delta_softplus)
+    return implementation("ss2d_scan", backend)(x, delta, A, B, C, D, delta_bias, delta_softplus)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import resolve_backend, run_hooks
-from .ss2d_scan_attention_ref import ss2d_scan_attention_ref
+from .dispatch import implementation, prepare
 
 MAX_FULL_LEN = 1024  # L x L matrices per direction and channel grow as L^2: 32x32 grids at most
 _REDUCE = ("mean", "none")
@@ -34,12 +33,10 @@ def ss2d_scan_attention_fn(delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     if query is None and L > MAX_FULL_LEN:
         raise ValueError(f"full {L}x{L} scan-attention matrices are limited to L <= {MAX_FULL_LEN} "
                          f"(grid {H}x{W}); pass query=(row, col) for one row instead")
-    backend = resolve_backend("ss2d_scan_attention", backend, delta)
-    args = dict(delta=delta, A=A, B=B, C=C, delta_bias=delta_bias, delta_softplus=delta_softplus, query=query,
-                channel_reduce=channel_reduce, backend=backend)
-    if (hooked := run_hooks("ss2d_scan_attention", args)) is not None:
+    backend, hooked = prepare("ss2d_scan_attention", backend, delta,
+                              dict(delta=delta, A=A, B=B, C=C, delta_bias=delta_bias, delta_softplus=delta_softplus,
+                                   query=query, channel_reduce=channel_reduce))
+    if hooked is not None:
         return hooked
-    if backend == "triton":
-        from .ss2d_scan_attention_triton import ss2d_scan_attention_triton
-        return ss2d_scan_attention_triton(delta, A, B, C, delta_bias, delta_softplus, query, channel_reduce)
-    return ss2d_scan_attention_ref(delta, A, B, C, delta_bias, delta_softplus, query, channel_reduce)
+    return implementation("ss2d_scan_attention", backend)(delta, A, B, C, delta_bias, delta_softplus, query,
+                                                          channel_reduce)

@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
 from toolkit.backbones.base import CHANNELS_LAST
 from toolkit.boxes import GROUNDING_PROMPT, denormalize_box, parse_box
@@ -108,7 +108,7 @@ class VLM(nn.Module):
         """PIL image -> normalised ``(3, H, W)`` model input and the geometry that maps boxes back."""
         dc = self.backbone.data_config
         img, geom = apply_geometry(image, dc.img_size, self.resize, fill=mean_fill(dc.mean))
-        return normalize(torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1), dc.mean, dc.std), geom
+        return normalize(pil_to_tensor(img.convert("RGB")), dc.mean, dc.std), geom
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
