@@ -382,33 +382,24 @@ int64_t padded_states(int64_t N, bool fixed) {
   return N;
 }
 
-template <typename acc_t>
-FwdFn<acc_t> forward_kernel(int64_t NP) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    switch (NP) {
-      case 1: return scan_forward<float, 1>;
-      case 2: return scan_forward<float, 2>;
-      case 4: return scan_forward<float, 4>;
-      case 8: return scan_forward<float, 8>;
-      case 16: return scan_forward<float, 16>;
-    }
-  }
-  return scan_forward<acc_t, 0>;
-}
+// The fixed-size instance of ``kernel`` for NP states (float), else the general one (0).
+#define PICK_STATE_KERNEL(kernel)                   \
+  if constexpr (std::is_same_v<acc_t, float>) {     \
+    switch (NP) {                                   \
+      case 1: return kernel<float, 1>;              \
+      case 2: return kernel<float, 2>;              \
+      case 4: return kernel<float, 4>;              \
+      case 8: return kernel<float, 8>;              \
+      case 16: return kernel<float, 16>;            \
+    }                                               \
+  }                                                 \
+  return kernel<acc_t, 0>;
 
 template <typename acc_t>
-BwdFn<acc_t> backward_kernel(int64_t NP) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    switch (NP) {
-      case 1: return scan_backward<float, 1>;
-      case 2: return scan_backward<float, 2>;
-      case 4: return scan_backward<float, 4>;
-      case 8: return scan_backward<float, 8>;
-      case 16: return scan_backward<float, 16>;
-    }
-  }
-  return scan_backward<acc_t, 0>;
-}
+FwdFn<acc_t> forward_kernel(int64_t NP) { PICK_STATE_KERNEL(scan_forward) }
+
+template <typename acc_t>
+BwdFn<acc_t> backward_kernel(int64_t NP) { PICK_STATE_KERNEL(scan_backward) }
 
 int threads_for(int64_t items) {
   if (omp_in_parallel()) return 1;
