@@ -11,7 +11,7 @@ from PIL import Image
 
 from toolkit.checkpoints import save_safetensors
 from toolkit.config import StageConfig, TrainConfig
-from toolkit.llm import LMConfig, train_tokenizer
+from toolkit.llm import LMConfig, answer_logits, train_tokenizer
 from toolkit.registry import create_backbone
 from toolkit.train import vlm_trainer
 from toolkit.train.vlm_trainer import Turn, train_vlm
@@ -62,6 +62,27 @@ def test_answer_only_logits_give_the_full_sequence_loss(tokenizer):
     full = vlm.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask, labels=b.labels).loss
     torch.testing.assert_close(vlm(vis, ["the red square", "a much longer prompt about the blue star"],
                                    ["[0.10, 0.20, 0.30, 0.40]", "3"]), full, rtol=1e-5, atol=1e-6)
+
+
+def test_isolated_turns_train_as_single_turn_rows(tokenizer):
+    """A row of K isolated turns about one image gives each turn exactly the logits its own single-turn row gives."""
+    vlm = _vlm(tokenizer)
+    vis = torch.randn(2, 16, vlm.backbone.embed_dim)
+    convs = [[("the red square", "[0.10, 0.20, 0.30, 0.40]"), ("How many red objects?", "3"), ("a", "no")],
+             [("the small blue star", "[0.50, 0.50, 0.90, 1.00]")]]
+    packed = vlm.assemble_turns(vis, convs, isolate=True)
+    assert packed.attention_mask.shape == (2, 1, packed.labels.shape[1], packed.labels.shape[1])
+    logits, labels = answer_logits(vlm.lm, packed.inputs_embeds, packed.attention_mask, packed.labels,
+                                   packed.position_ids)
+    singles = [(vis[i:i + 1], p, a) for i, conv in enumerate(convs) for p, a in conv]
+    want = [answer_logits(vlm.lm, (b := vlm.assemble(v, [p], [a])).inputs_embeds, b.attention_mask, b.labels)
+            for v, p, a in singles]
+    torch.testing.assert_close(logits, torch.cat([w[0] for w in want]), rtol=1e-4, atol=1e-5)
+    assert labels.tolist() == torch.cat([w[1] for w in want]).tolist()
+    # Written as one conversation instead, later turns see the earlier ones: different logits.
+    joined = vlm.assemble_turns(vis, convs)
+    assert not torch.allclose(answer_logits(vlm.lm, joined.inputs_embeds, joined.attention_mask, joined.labels)[0],
+                              logits, atol=1e-3)
 
 
 def test_loss_backward_reaches_connector_not_backbone(tokenizer):

@@ -75,6 +75,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     grounding_fraction: float = 0.5  # share of grounding turns in the training mix (the rest is VQA)
     objects_fraction: float = 0.2  # share of "list every object with its box" turns (toolkit.data.formats)
+    # Turns per image in one training sequence (LLaVA's multi-turn rows); a stage's batch_size counts images.
+    turns_per_image: int = 1
     checkpoint_every: int = 100
     seed: int = 0
 

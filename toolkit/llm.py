@@ -173,14 +173,15 @@ def init_coordinate_embeddings(model, tokenizer, n_freq: int = 6) -> int:
 IGNORE_INDEX = -100  # label of a position without a target (prompt, image, padding): torch's cross-entropy default
 
 
-def answer_logits(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logits(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                  position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token logits ``(K, V)`` at the K positions whose next token has a label, and those labels ``(K,)``.
 
     The output layer runs only there: answers are a few tokens of a sequence mostly made of image and prompt
     tokens, and logits everywhere else would cost about a fifth of a small LM's training step for nothing.
     Equals the HF ``labels=`` loss when averaged (``F.cross_entropy(*answer_logits(...))``)."""
-    hidden = lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state  # (B, T, d)
+    hidden = lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           position_ids=position_ids).last_hidden_state  # (B, T, d)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX
     return lm.get_output_embeddings()(hidden[:, :-1][keep]).float(), targets[keep]

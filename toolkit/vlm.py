@@ -56,10 +56,11 @@ class Batch:
     """An assembled batch. ``image_mask`` marks the image-token positions (B, T)."""
 
     inputs_embeds: torch.Tensor  # (B, T, d)
-    attention_mask: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T); (B, 1, T, T) bool, True = may attend, for isolated turns
     labels: torch.Tensor | None  # (B, T)
     image_mask: torch.Tensor  # (B, T) bool
     input_ids: torch.Tensor  # (B, T), pad id at image positions
+    position_ids: torch.Tensor | None = None  # (B, T) for isolated turns; None: 0..T-1
 
 
 @dataclass(frozen=True)
@@ -119,18 +120,39 @@ class VLM(nn.Module):
     def assemble(self, visual_tokens: torch.Tensor, prompts: Sequence[str], answers: Sequence[str] | None = None,
                  padding_side: str = "right") -> Batch:
         """Splice projected visual tokens ``(B, N, C_vis)`` into templated prompts (and answers, for training)."""
+        return self.assemble_turns(visual_tokens, [[(p, None if answers is None else answers[i])]
+                                                   for i, p in enumerate(prompts)], padding_side)
+
+    def assemble_turns(self, visual_tokens: torch.Tensor, conversations: Sequence[Sequence[tuple[str, str | None]]],
+                       padding_side: str = "right", isolate: bool = False) -> Batch:
+        """One row per image: ``conversations[b]`` lists the turns ``(prompt, answer)`` about image b, written one
+        after another as LLaVA's multi-turn data is (each answer closed by EOS, the next prompt right after). An answer
+        of None (last turn only) ends the row at the prompt, for generation; answers carry the labels.
+
+        ``isolate``: each turn attends only to BOS, the image and itself, and its positions restart right after the
+        image, so a row of K turns computes exactly what K single-turn rows would, with the image tokens run once.
+        (Written as one conversation, later turns can copy an earlier answer about the same object, a shortcut that
+        single-turn evaluation does not offer.)"""
         tok = self.tokenizer
         n_img = visual_tokens.shape[1]
         pad = tok.pad_token_id
-        rows, label_rows, img_rows = [], [], []
-        for i, p in enumerate(prompts):
+        has_answers = any(a is not None for conv in conversations for _, a in conv)
+        rows, label_rows, img_rows, seg_rows, pos_rows = [], [], [], [], []
+        for conv in conversations:
             head = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + [pad] * n_img
-            p_ids = tok(self.template.prompt(p), add_special_tokens=False).input_ids
-            a_ids = [] if answers is None else tok(answers[i], add_special_tokens=False).input_ids + [tok.eos_token_id]
-            ids = head + p_ids + a_ids
+            ids, labels, segs, pos = list(head), [IGNORE_INDEX] * len(head), [0] * len(head), list(range(len(head)))
+            for k, (p, a) in enumerate(conv, start=1):
+                p_ids = tok(self.template.prompt(p), add_special_tokens=False).input_ids
+                a_ids = [] if a is None else tok(a, add_special_tokens=False).input_ids + [tok.eos_token_id]
+                ids += p_ids + a_ids
+                labels += [IGNORE_INDEX] * len(p_ids) + a_ids
+                segs += [k] * (len(p_ids) + len(a_ids))
+                pos += range(len(head), len(head) + len(p_ids) + len(a_ids))
             rows.append(ids)
-            label_rows.append([IGNORE_INDEX] * (len(head) + len(p_ids)) + a_ids)
-            img_rows.append([False] * (len(head) - n_img) + [True] * n_img + [False] * (len(p_ids) + len(a_ids)))
+            label_rows.append(labels)
+            seg_rows.append(segs)
+            pos_rows.append(pos)
+            img_rows.append([False] * (len(head) - n_img) + [True] * n_img + [False] * (len(ids) - len(head)))
         t = max(map(len, rows))
 
         def padded(row, value):
@@ -144,13 +166,25 @@ class VLM(nn.Module):
         embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, d)
         vis = self.connector(visual_tokens.to(dev, embeds.dtype))  # (B, N, d)
         embeds = embeds.masked_scatter(image_mask[..., None], vis.to(embeds.dtype))  # autocast: vis may be bf16
-        labels = None if answers is None else torch.tensor([padded(r, IGNORE_INDEX) for r in label_rows], device=dev)
-        return Batch(embeds, attn, labels, image_mask, input_ids)
+        labels = torch.tensor([padded(r, IGNORE_INDEX) for r in label_rows], device=dev) if has_answers else None
+        if not isolate:
+            return Batch(embeds, attn, labels, image_mask, input_ids)
+        seg = torch.tensor([padded(r, -1) for r in seg_rows], device=dev)  # (B, T): 0 BOS + image, k turn k, -1 pad
+        pos = torch.tensor([padded(r, 0) for r in pos_rows], device=dev)
+        q, k = seg[:, :, None], seg[:, None, :]
+        causal = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+        allowed = causal & ((q == k) | (k == 0)) & (k >= 0) | torch.eye(t, dtype=torch.bool, device=dev)
+        return Batch(embeds, allowed[:, None], labels, image_mask, input_ids, pos)
 
     def forward(self, visual_tokens: torch.Tensor, prompts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         """Next-token loss on the answers, given precomputed visual tokens ``(B, N, C_vis)``."""
-        b = self.assemble(visual_tokens, prompts, answers)
-        return F.cross_entropy(*answer_logits(self.lm, b.inputs_embeds, b.attention_mask, b.labels))
+        return self.turns_loss(visual_tokens, [[(p, a)] for p, a in zip(prompts, answers)])
+
+    def turns_loss(self, visual_tokens: torch.Tensor, conversations: Sequence[Sequence[tuple[str, str]]],
+                   isolate: bool = False) -> torch.Tensor:
+        """Next-token loss on every answer of ``conversations[b]``, the turns about image b (see ``assemble_turns``)."""
+        b = self.assemble_turns(visual_tokens, conversations, isolate=isolate)
+        return F.cross_entropy(*answer_logits(self.lm, b.inputs_embeds, b.attention_mask, b.labels, b.position_ids))
 
     @torch.no_grad()
     def generate(self, visual_tokens: torch.Tensor, prompts: Sequence[str], max_new_tokens: int = 24) -> list[str]:

@@ -51,19 +51,32 @@ def training_mix(cfg: TrainConfig) -> dict[str, float]:
     return {"grounding": cfg.grounding_fraction, "objects": cfg.objects_fraction, "vqa": max(0.0, rest)}
 
 
-def _sample(turns_by_kind: dict[str, list[Turn]], batch_size: int, mix: dict[str, float],
-            gen: torch.Generator) -> list[Turn]:
-    """A batch drawn with replacement, ``mix`` renormalised over the kinds that have turns."""
-    kinds = [k for k, w in mix.items() if w > 0 and turns_by_kind.get(k)]
-    if not kinds:
+def _group(turns: Sequence[Turn], mix: dict[str, float]) -> list[dict[str, list[Turn]]]:
+    """Turns grouped by image, then by kind; images without a turn of a kind in the mix are left out."""
+    by_image: dict[int, dict[str, list[Turn]]] = {}
+    for t in turns:
+        if mix.get(t.kind, 0) > 0:
+            by_image.setdefault(t.image, {}).setdefault(t.kind, []).append(t)
+    if not by_image:
         raise ValueError(f"no training turns of the kinds in the mix {mix}")
-    total = sum(mix[k] for k in kinds)
-    counts = {k: round(batch_size * mix[k] / total) for k in kinds}
-    counts[kinds[0]] += batch_size - sum(counts.values())
+    return [by_image[i] for i in sorted(by_image)]
+
+
+def _sample(by_image: list[dict[str, list[Turn]]], batch_size: int, turns_per_image: int, mix: dict[str, float],
+            gen: torch.Generator) -> list[list[Turn]]:
+    """``batch_size`` images drawn with replacement, each with up to ``turns_per_image`` of its turns drawn without
+    replacement; each turn's kind is drawn by ``mix``, renormalised over the kinds the image has left."""
     batch = []
-    for k in kinds:
-        pool = turns_by_kind[k]
-        batch += [pool[int(i)] for i in torch.randint(len(pool), (counts[k],), generator=gen)]
+    for i in torch.randint(len(by_image), (batch_size,), generator=gen).tolist():
+        pools = {k: list(v) for k, v in by_image[i].items()}
+        conv = []
+        while len(conv) < turns_per_image and pools:
+            kinds = list(pools)
+            k = kinds[int(torch.multinomial(torch.tensor([mix[k] for k in kinds]), 1, generator=gen))]
+            conv.append(pools[k].pop(int(torch.randint(len(pools[k]), (), generator=gen))))
+            if not pools[k]:
+                del pools[k]
+        batch.append(conv)
     return batch
 
 
@@ -71,9 +84,6 @@ def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: Trai
               device: torch.device, stages: Sequence[StageConfig] | None = None) -> dict:
     """Run the configured stages; resume from ``out_dir/train_state.pt`` when present. Returns a record."""
     stages = tuple(stages or cfg.stages)
-    by_kind: dict[str, list[Turn]] = {}
-    for t in turns:
-        by_kind.setdefault(t.kind, []).append(t)
     state_path = out_dir / "train_state.pt"
     state = load_train_state(state_path)
     start_stage, start_step, losses = 0, 0, []
@@ -82,6 +92,7 @@ def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: Trai
         start_stage, start_step, losses = state["stage"], state["step"], list(state["losses"])
     vlm.to(device)
     mix = training_mix(cfg)
+    by_image = _group(turns, mix)
     t0 = time.time()
     for si in range(start_stage, len(stages)):
         st = stages[si]
@@ -99,10 +110,10 @@ def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: Trai
             step = start_step
         bar = tqdm(total=st.steps, initial=step, desc=f"{vlm.cfg.backbone} {st.name}", unit="step", leave=False)
         while step < st.steps:
-            batch = _sample(by_kind, st.batch_size, mix, gen)
-            feats = features[[t.image for t in batch]].to(device)
-            loss = optimizer_step(vlm(feats, [t.prompt for t in batch], [t.answer for t in batch]), opt, sched, params,
-                                  cfg.grad_clip)
+            batch = _sample(by_image, st.batch_size, cfg.turns_per_image, mix, gen)
+            feats = features[[conv[0].image for conv in batch]].to(device)
+            loss = vlm.turns_loss(feats, [[(t.prompt, t.answer) for t in conv] for conv in batch], isolate=True)
+            loss = optimizer_step(loss, opt, sched, params, cfg.grad_clip)
             step += 1
             losses.append(loss)
             bar.update()
