@@ -94,3 +94,32 @@ def test_refcoco_letterbox_frame_mismatch():
     assert box_iou(torch.tensor(wrong), torch.tensor(box)) < 0.5  # scored as a miss at Acc@IoU>=0.5
     _, sq = apply_geometry(Image.new("RGB", (300, 300)), (224, 224), "letterbox")
     assert sq.norm_original_to_norm_input((0.1, 0.2, 0.3, 0.4)) == pytest.approx((0.1, 0.2, 0.3, 0.4))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("size", [(64, 64), (32, 48), (100, 80)])
+def test_fit_batch_puts_a_batch_where_apply_geometry_puts_one_image(strategy, size):
+    """The tensor path (training sets fed to a backbone of another size) against the PIL path the VLM uses: same
+    frame and size; pixels equal up to resampling (bilinear vs bicubic) and a sub-pixel padding edge."""
+    from toolkit.geometry import fit_batch
+
+    yy, xx = np.mgrid[0:40, 0:60]
+    img = np.stack([xx * 4, yy * 6, (xx + yy) * 2], -1).clip(0, 255).astype(np.uint8)
+    want = np.asarray(apply_geometry(Image.fromarray(img), size, strategy, fill=(10, 20, 30))[0]).astype(float)
+    got = fit_batch(torch.from_numpy(img).permute(2, 0, 1)[None].repeat(2, 1, 1, 1), size, strategy, (10, 20, 30))
+    assert got.dtype == torch.uint8 and got.shape[0] == 2 and torch.equal(got[0], got[1])
+    diff = np.abs(got[0].permute(1, 2, 0).numpy().astype(float) - want)
+    assert diff.shape == want.shape and diff.mean() < 6 and (diff > 8).mean() < 0.1  # edge rows only
+
+
+def test_fit_batch_moves_label_maps_without_blending():
+    from toolkit.geometry import fit_batch
+
+    labels = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    labels[..., 2:4, 2:6] = 3
+    out = fit_batch(labels, (12, 8), "shrink-and-pad", 255, mode="nearest")  # never enlarged: pasted top-left
+    assert out.shape == (1, 1, 12, 8) and torch.equal(out[..., :8, :], labels) and (out[..., 8:, :] == 255).all()
+    up = fit_batch(labels, (16, 16), "letterbox", 255, mode="nearest")
+    assert set(up.unique().tolist()) == {0, 3} and (up == 3).sum() == 4 * (labels == 3).sum()
+    same = torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    assert fit_batch(same, (16, 16), "letterbox") is same

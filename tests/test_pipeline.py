@@ -9,7 +9,7 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
-from toolkit.config import apply_overrides, preset
+from toolkit.config import StageConfig, apply_overrides, preset
 from toolkit.pipeline import run_experiment
 
 
@@ -73,6 +73,25 @@ def test_overrides_reject_unknown_fields():
         apply_overrides(preset("smoke"), ["pretrain.epochs"])
 
 
+def test_overrides_take_lists_of_stages_and_check_every_type():
+    """`--set train.stages=[...]` used to store plain dicts that crashed only after pretraining."""
+    cfg = apply_overrides(preset("smoke"), ['train.stages=[{"name": "align", "steps": 5, "train_lm": false}, '
+                                            '{"steps": 9, "lr": 1}]'])
+    assert cfg.train.stages == (StageConfig("align", 5, StageConfig.lr, StageConfig.batch_size, False),
+                                StageConfig(steps=9, lr=1.0))
+    assert isinstance(cfg.train.stages[1].lr, float)
+    cfg = apply_overrides(preset("smoke"), ["lm.name_or_path=/models/vicuna", "backbones=[\"vit-test\"]"])
+    assert cfg.lm.name_or_path == "/models/vicuna" and cfg.backbones == ("vit-test",)
+    bad = {"pretrain.epochs=four": "`pretrain.epochs` takes a int", "train.stages=[{\"step\": 5}]": "step not field",
+           "train.stages=[]": "train.stages is empty", "train.stages.3.steps=1": "no entry 3",
+           "train.stages.0=5": "JSON object of StageConfig", "eval.batch_size=true": "takes a int",
+           "world.n_trian=5": "n_trian not field", "pretrain.lr=0": "must be positive", "backbones=[]": "is empty",
+           "train.stages.0.train_lm=1": "takes a bool"}
+    for assignment, message in bad.items():
+        with pytest.raises((KeyError, ValueError), match=message.replace(" ", ".*")):
+            apply_overrides(preset("smoke"), [assignment])
+
+
 @pytest.mark.slow
 def test_changed_config_never_reuses_a_run(smoke_run):
     cfg, root, res, _ = smoke_run
@@ -130,3 +149,37 @@ def test_a_run_finds_its_models_and_examples_from_any_directory(smoke_run, tmp_p
     examples = example_images(run)
     assert examples and all(Path(e.image).is_file() for e in examples)
     assert set(smoke_run[0].backbones) <= set(load_vlms(run))  # a run may have grown by backbones
+
+
+@pytest.mark.slow
+def test_pretraining_and_dense_tuning_feed_each_backbone_its_own_input_size(smoke_run, tmp_path, monkeypatch):
+    """The smoke world is 32 px; a backbone configured at 48x32 (shrink-and-pad) and one at 40 px (letterbox) are
+    trained on it at their own sizes, as the VLM will run them (they used to get the world's size, or fail)."""
+    import torch
+
+    from toolkit.config import DenseConfig, PretrainConfig
+    from toolkit.pipeline import world_data
+    from toolkit.train import dense, pretrain
+
+    seen = []
+
+    def recording(images, backbone, fit=pretrain.to_input):
+        x = fit(images, backbone)
+        seen.append(tuple(x.shape[-2:]))
+        return x
+
+    monkeypatch.setattr(pretrain, "to_input", recording)
+    monkeypatch.setattr(dense, "to_input", recording)
+    cfg, root, _, _ = smoke_run
+    world = world_data(cfg, root / "cache")
+    cls = tuple(pretrain.load_image_folder(world.classification / s) for s in ("train", "val"))
+    assert cls[0][0].shape[-2:] == (32, 32)
+    for name, kw, hw in (("vmamba-dense-test", {}, (48, 32)), ("vit-test", {"img_size": 40}, (40, 40))):
+        rec = pretrain.pretrain_backbone(name, cls[0], cls[1], PretrainConfig(epochs=1, batch_size=64, warmup_steps=1),
+                                         tmp_path / f"{name}.safetensors", torch.device("cpu"), backbone_overrides=kw)
+        assert set(seen) == {hw} and 0 <= rec["top1"] <= 1
+        seen.clear()
+    rec = dense.dense_tune_backbone("vmamba-dense-test", tmp_path / "vmamba-dense-test.safetensors", world.root,
+                                    DenseConfig(epochs=1, batch_size=32, warmup_steps=1), tmp_path / "d.safetensors",
+                                    torch.device("cpu"))
+    assert set(seen) == {(48, 32)} and rec["label_hw"] == [12, 8] and 0 <= rec["miou"] <= 1

@@ -176,22 +176,72 @@ PRESETS = {"embedded": ExperimentConfig, "embedded-dense": _preset_embedded_dens
            "gpu": _preset_gpu}
 
 
-def _set(obj: Any, path: list[str], value: Any) -> Any:
-    """A copy of ``obj`` (dataclass, tuple or dict) with ``path`` set to ``value``."""
+def _coerce(current: Any, value: Any, where: str) -> Any:
+    """``value`` (parsed from JSON) as the type of the field it replaces, ``current``; a clear error naming ``where``
+    otherwise. Dicts become the field's dataclass (``train.stages=[{"steps": 500}]`` -> StageConfig entries, unset
+    fields at their defaults), lists become tuples; ``None`` fields take any value (e.g. ``lm.name_or_path``)."""
+    if dataclasses.is_dataclass(current):
+        if dataclasses.is_dataclass(value) and isinstance(value, type(current)):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"`{where}` takes a JSON object of {type(current).__name__} fields, not {value!r}")
+        fields = {f.name for f in dataclasses.fields(current)}
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise KeyError(f"`{where}`: {', '.join(unknown)} not field(s) of {type(current).__name__} "
+                           f"(fields: {', '.join(sorted(fields))})")
+        base = type(current)()  # a new entry starts from the defaults, not from the entry it replaces
+        return replace(base, **{k: _coerce(getattr(base, k), v, f"{where}.{k}") for k, v in value.items()})
+    if isinstance(current, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"`{where}` takes a JSON list, not {value!r}")
+        like = current[0] if current else None
+        return tuple(v if like is None else _coerce(like, v, f"{where}.{i}") for i, v in enumerate(value))
+    if isinstance(current, dict):
+        if not isinstance(value, dict):
+            raise ValueError(f"`{where}` takes a JSON object, not {value!r}")
+        return dict(value)
+    if current is None:
+        return value
+    if isinstance(current, bool) or isinstance(value, bool):
+        if not (isinstance(current, bool) and isinstance(value, bool)):
+            raise ValueError(f"`{where}` takes a {type(current).__name__}, not {value!r}")
+        return value
+    if isinstance(current, float) and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, type(current)):
+        raise ValueError(f"`{where}` takes a {type(current).__name__}, not {value!r}")
+    return value
+
+
+def _set(obj: Any, path: list[str], value: Any, where: str = "") -> Any:
+    """A copy of ``obj`` (dataclass, tuple or dict) with ``path`` set to ``value``, coerced to the field's type."""
     head, rest = path[0], path[1:]
+    where = f"{where}.{head}" if where else head
     if isinstance(obj, tuple):
-        i = int(head)
-        return obj[:i] + (_set(obj[i], rest, value) if rest else value,) + obj[i + 1:]
+        try:
+            i = int(head)
+            old = obj[i]
+        except (ValueError, IndexError):
+            raise KeyError(f"`{where}`: no entry {head} (the list has {len(obj)})") from None
+        return obj[:i] + (_set(old, rest, value, where) if rest else _coerce(old, value, where),) + obj[i + 1:]
     if isinstance(obj, dict):
-        return {**obj, head: _set(obj[head], rest, value) if rest else value}
+        if not rest:
+            return {**obj, head: value}  # free-form overrides (world): checked where they are used
+        if head not in obj:
+            raise KeyError(f"`{where}` is not set, so `{'.'.join(rest)}` inside it cannot be")
+        return {**obj, head: _set(obj[head], rest, value, where)}
     if not dataclasses.is_dataclass(obj) or head not in {f.name for f in dataclasses.fields(obj)}:
         raise KeyError(f"`{head}` is not a field of {type(obj).__name__}")
-    return replace(obj, **{head: _set(getattr(obj, head), rest, value) if rest else value})
+    old = getattr(obj, head)
+    return replace(obj, **{head: _set(old, rest, value, where) if rest else _coerce(old, value, where)})
 
 
 def apply_overrides(cfg: ExperimentConfig, assignments: list[str]) -> ExperimentConfig:
     """Dotted ``key=value`` overrides, values parsed as JSON where they parse (``pretrain.epochs=4``,
-    ``train.stages.0.steps=1200``, ``world.n_train=5000``, ``lm.num_layers=4``)."""
+    ``train.stages.0.steps=1200``, ``world.n_train=5000``, ``lm.num_layers=4``,
+    ``train.stages=[{"name": "align", "steps": 200, "train_lm": false}, {"steps": 800}]``). Every value is checked
+    against its field's type here, before any work starts."""
     for a in assignments:
         key, sep, raw = a.partition("=")
         if not sep or not key:
@@ -200,10 +250,31 @@ def apply_overrides(cfg: ExperimentConfig, assignments: list[str]) -> Experiment
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        if isinstance(value, list):
-            value = tuple(value)
         cfg = _set(cfg, key.split("."), value)
+    validate(cfg)
     return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Checks that need more than a field's type, run before any work: world fields, stages, budgets."""
+    from toolkit.data import SceneWorldConfig
+
+    world_fields = {f.name for f in dataclasses.fields(SceneWorldConfig)}
+    unknown = sorted(set(cfg.world) - world_fields)
+    if unknown:
+        raise KeyError(f"world: {', '.join(unknown)} not field(s) of SceneWorldConfig "
+                       f"(fields: {', '.join(sorted(world_fields))})")
+    if not cfg.train.stages:
+        raise ValueError("train.stages is empty: a VLM needs at least one training stage")
+    for i, st in enumerate(cfg.train.stages):
+        if st.steps < 1 or st.batch_size < 1 or st.lr <= 0:
+            raise ValueError(f"train.stages.{i}: steps, batch_size and lr must be positive, got {st}")
+    for name in ("pretrain", "dense"):
+        c = getattr(cfg, name)
+        if c.epochs < 1 or c.batch_size < 1 or c.lr <= 0:
+            raise ValueError(f"{name}: epochs, batch_size and lr must be positive, got {c}")
+    if not cfg.backbones:
+        raise ValueError("backbones is empty: name at least one registered backbone")
 
 
 def preset(preset_name: str, **overrides: Any) -> ExperimentConfig:

@@ -157,3 +157,30 @@ def normalize(images_u8, mean: Sequence[float], std: Sequence[float]):
     s = torch.tensor(std, device=x.device)[:, None, None]
     x = (x - m) / s
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def fit_batch(images, size: tuple[int, int], strategy: str, fill=0, mode: str = "bilinear"):
+    """A batch ``(B, C, h, w)`` (uint8 images, or integer label maps with ``mode="nearest"``) onto ``size = (H, W)``
+    through ``strategy``, with the geometry ``apply_geometry`` gives one image of that size. Resampled by torch
+    (bilinear with antialiasing), so pixels differ slightly from PIL's bicubic; used where a whole training set is
+    fed to a backbone configured at another size. ``fill``: a value per channel or one for all. A batch the strategy
+    leaves unchanged comes back as is."""
+    import torch
+    import torch.nn.functional as F
+
+    b, c, h0, w0 = images.shape
+    _, g = apply_geometry(Image.new("RGB", (w0, h0)), size, strategy)
+    if (g.in_h, g.in_w, g.sx, g.sy, g.ox, g.oy) == (h0, w0, 1.0, 1.0, 0.0, 0.0):
+        return images
+    rh, rw = max(1, round(h0 * g.sy)), max(1, round(w0 * g.sx))
+    x = images.float()
+    if mode == "nearest":
+        x = F.interpolate(x, size=(rh, rw), mode="nearest-exact")
+    else:
+        x = F.interpolate(x, size=(rh, rw), mode=mode, antialias=True, align_corners=False).round().clamp(0, 255)
+    fill_t = torch.as_tensor(fill, dtype=x.dtype).reshape(-1, 1, 1).expand(c, 1, 1)
+    out = fill_t.expand(c, g.in_h, g.in_w).repeat(b, 1, 1, 1)
+    oy, ox = round(g.oy), round(g.ox)
+    ys, xs, ye, xe = max(0, oy), max(0, ox), min(g.in_h, oy + rh), min(g.in_w, ox + rw)
+    out[..., ys:ye, xs:xe] = x[..., ys - oy:ye - oy, xs - ox:xe - ox]
+    return out.to(images.dtype)

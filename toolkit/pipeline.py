@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from toolkit.config import ExperimentConfig, split_spec, split_vlm_spec
+from toolkit.config import ExperimentConfig, split_spec, split_vlm_spec, validate
 from toolkit.connector import connector_depth
 from toolkit.eval.evaluate import (evaluate_grounding, evaluate_vqa, grounding_baselines, summarize,
                                    vqa_baselines)
@@ -86,6 +86,7 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     from toolkit.data import load_llava, load_refcoco, load_vqa_split, scene_objects, VQA_PROMPT
 
     t_start = time.time()
+    validate(cfg)
     run_dir = Path(runs_root) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_config(run_dir / "config.json", cfg)

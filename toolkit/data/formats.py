@@ -415,14 +415,17 @@ def load_llava(json_path: str | Path, image_root: str | Path) -> list[Conversati
 IGNORE_PIXEL = 255  # label of pixels no loss should see (COCO crowd regions)
 
 
-def load_coco_semantic(json_path: str | Path, image_root: str | Path, label_hw: tuple[int, int],
-                       ) -> tuple[list[Path], np.ndarray, list[str]]:
+def load_coco_semantic(json_path: str | Path, image_root: str | Path, label_hw: tuple[int, int] | None = None,
+                       stride: int | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
     """A COCO instances file -> semantic segmentation targets: image paths, label maps ``(N, h, w)`` uint8 at
-    ``label_hw`` (0 background, i + 1 the i-th category by id, ``IGNORE_PIXEL`` crowd regions), category names.
+    ``label_hw``, or at 1/``stride`` of each image's own size (0 background, i + 1 the i-th category by id,
+    ``IGNORE_PIXEL`` crowd regions), category names.
 
     Polygons are filled at the image's own size in annotation order (later ones on top) and the map is then
     resized with nearest-neighbour sampling, so every label size reads the same annotation.
     """
+    if (label_hw is None) == (stride is None):
+        raise ValueError("give the label size either as label_hw or as stride, not both or neither")
     path, image_root = Path(json_path), Path(image_root)
     data = _read_json(path)
     cats = sorted(_index(_req_list(data, "categories", path, "the file"), path, "category").items())
@@ -448,9 +451,10 @@ def load_coco_semantic(json_path: str | Path, image_root: str | Path, label_hw: 
                 raise FormatError(f"{path}: annotation #{j} has category_id {cid}, not among the categories")
             polys = [np.asarray(p, np.float64).reshape(-1, 2).round().astype(np.int32) for p in seg if len(p) >= 6]
             cv2.fillPoly(full, polys, int(label_of[cid]))
-        maps.append(cv2.resize(full, (label_hw[1], label_hw[0]), interpolation=cv2.INTER_NEAREST))
+        lh, lw = label_hw or (h // stride, w // stride)
+        maps.append(cv2.resize(full, (lw, lh), interpolation=cv2.INTER_NEAREST))
         paths.append(image_root / _req(im, "file_name", path, where))
-    return paths, np.stack(maps) if maps else np.zeros((0, *label_hw), np.uint8), [c["name"] for _, c in cats]
+    return paths, np.stack(maps) if maps else np.zeros((0, *(label_hw or (0, 0))), np.uint8), [c["name"] for _, c in cats]
 
 
 def scene_objects(root: str | Path, split: str) -> dict[str, list[tuple[float, float, float, float]]]:

@@ -22,8 +22,8 @@ from toolkit.data.formats import IGNORE_PIXEL, load_coco_semantic
 from toolkit.registry import create_backbone
 from toolkit.train.common import fit_minibatches, loss_curve, seed_everything
 from toolkit.backbones.base import CHANNELS_LAST
-from toolkit.geometry import normalize
-from toolkit.train.pretrain import load_images
+from toolkit.geometry import fit_batch
+from toolkit.train.pretrain import load_images, to_input
 
 
 class SegHead(nn.Module):
@@ -39,11 +39,18 @@ class SegHead(nn.Module):
         return F.interpolate(self.net(x), size=out_hw, mode="bilinear", align_corners=False)
 
 
-def load_segmentation_split(world_root: str | Path, split: str, label_hw: tuple[int, int]):
-    """The world's COCO file of ``split`` -> uint8 images ``(N, 3, H, W)``, labels ``(N, h, w)`` int64, class names."""
+def load_segmentation_split(world_root: str | Path, split: str, backbone: Backbone, label_stride: int):
+    """The world's COCO file of ``split`` -> uint8 images ``(N, 3, h, w)`` at the world's size, labels
+    ``(N, H / stride, W / stride)`` int64 in the backbone's input frame (its resize strategy applied to the label
+    maps, padding ignored), class names."""
     root = Path(world_root)
-    paths, labels, names = load_coco_semantic(root / "coco" / f"instances_{split}.json", root / "images", label_hw)
-    return load_images(paths), torch.from_numpy(labels).long(), names
+    coco = root / "coco" / f"instances_{split}.json"
+    paths, labels, names = load_coco_semantic(coco, root / "images", stride=label_stride)
+    images = load_images(paths)
+    h, w = backbone.data_config.img_size
+    labels = fit_batch(torch.from_numpy(labels).long()[:, None], (h // label_stride, w // label_stride),
+                       backbone.data_config.resize, IGNORE_PIXEL, mode="nearest")[:, 0]
+    return images, labels, names
 
 
 @torch.no_grad()
@@ -51,10 +58,10 @@ def segmentation_scores(backbone: Backbone, head: SegHead, images: torch.Tensor,
                         device: torch.device, n_classes: int, batch_size: int = 64) -> dict[str, float]:
     """Pixel accuracy and mean IoU over the classes present in ``labels`` (ignore pixels left out)."""
     backbone.eval()
-    dc, grid = backbone.data_config, backbone.grid()
+    grid = backbone.grid()
     conf = torch.zeros(n_classes, n_classes, dtype=torch.long)
     for i in range(0, len(images), batch_size):
-        x = normalize(images[i:i + batch_size].to(device), dc.mean, dc.std)
+        x = to_input(images[i:i + batch_size].to(device), backbone)
         y = labels[i:i + batch_size]
         pred = head(backbone.forward_tokens(x), grid, tuple(y.shape[-2:])).argmax(1).cpu()
         keep = y != IGNORE_PIXEL
@@ -73,16 +80,15 @@ def dense_tune_backbone(name: str, init_weights: str | Path, world_root: str | P
     backbone = create_backbone(name)
     backbone.load_state_dict(load_state_dict_file(init_weights))
     backbone.to(device, memory_format=CHANNELS_LAST)
-    h, w = backbone.data_config.img_size
-    label_hw = (h // cfg.label_stride, w // cfg.label_stride)
-    images, labels, names = load_segmentation_split(world_root, "train", label_hw)
+    images, labels, names = load_segmentation_split(world_root, "train", backbone, cfg.label_stride)
+    label_hw = tuple(labels.shape[-2:])
     n_classes = len(names) + 1
     head = SegHead(backbone.embed_dim, n_classes).to(device)
-    dc, grid = backbone.data_config, backbone.grid()
+    grid = backbone.grid()
     gen = torch.Generator().manual_seed(seed)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        x = normalize(images[idx].to(device), dc.mean, dc.std)
+        x = to_input(images[idx].to(device), backbone)
         y = labels[idx].to(device)
         if torch.rand((), generator=gen) < 0.5:  # flips keep masks aligned with pixels
             x, y = x.flip(-1), y.flip(-1)
@@ -93,7 +99,7 @@ def dense_tune_backbone(name: str, init_weights: str | Path, world_root: str | P
                                              len(images), cfg.batch_size, cfg.epochs, cfg.lr, cfg.weight_decay,
                                              cfg.warmup_steps, gen, f"dense-tune {name}",
                                              state_path=out_path.with_suffix(".state.pt"), modules=[backbone, head])
-    val_images, val_labels, _ = load_segmentation_split(world_root, "val", label_hw)
+    val_images, val_labels, _ = load_segmentation_split(world_root, "val", backbone, cfg.label_stride)
     scores = segmentation_scores(backbone, head, val_images, val_labels, device, n_classes)
     save_safetensors(backbone.state_dict(), out_path)
     record = dict(backbone=name, family=type(backbone).family, task="semantic segmentation",

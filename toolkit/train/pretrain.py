@@ -18,7 +18,7 @@ from PIL import Image
 from toolkit.backbones.base import CHANNELS_LAST
 from toolkit.checkpoints import save_safetensors
 from toolkit.config import PretrainConfig
-from toolkit.geometry import normalize
+from toolkit.geometry import fit_batch, mean_fill, normalize
 from toolkit.registry import create_backbone
 from toolkit.train.common import fit_minibatches, loss_curve, seed_everything
 
@@ -78,14 +78,21 @@ class Classifier(nn.Module):
         return self.fc(self.norm(self.backbone.forward_tokens(images)).amax(dim=1))
 
 
+def to_input(images: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+    """uint8 images ``(B, 3, h, w)`` of any size -> the backbone's normalised input ``(B, 3, H, W)``, through its own
+    resize strategy (a paper-size backbone trained on the 128 px world sees its own input size, as it will in the
+    VLM)."""
+    dc = backbone.data_config
+    return normalize(fit_batch(images, dc.img_size, dc.resize, mean_fill(dc.mean)), dc.mean, dc.std)
+
+
 @torch.no_grad()
 def evaluate_top1(model: Classifier, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
                   batch_size: int = 128) -> float:
     model.eval()
-    dc = model.backbone.data_config
     correct = 0
     for i in range(0, len(images), batch_size):
-        x = normalize(images[i:i + batch_size].to(device), dc.mean, dc.std)
+        x = to_input(images[i:i + batch_size].to(device), model.backbone)
         correct += (model(x).argmax(-1).cpu() == labels[i:i + batch_size]).sum().item()
     return correct / max(1, len(images))
 
@@ -98,10 +105,9 @@ def pretrain_backbone(name: str, train: tuple, val: tuple, cfg: PretrainConfig, 
     backbone = create_backbone(name, **(backbone_overrides or {}))
     model = Classifier(backbone, len(classes), cfg.head).to(device, memory_format=CHANNELS_LAST)
     gen = torch.Generator().manual_seed(seed)
-    dc = backbone.data_config
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        x = augment(normalize(images[idx].to(device), dc.mean, dc.std), cfg.max_shift, gen)
+        x = augment(to_input(images[idx].to(device), backbone), cfg.max_shift, gen)
         return F.cross_entropy(model(x), labels[idx].to(device), label_smoothing=cfg.label_smoothing)
 
     model.train()
