@@ -10,22 +10,29 @@ import torch
 _NESTING_KEYS = ("model", "state_dict", "model_ema", "module")
 
 
-def load_state_dict_file(path: str | Path) -> dict:
-    """Read a weights file safely. Raises FileNotFoundError / ValueError naming the file."""
+def load_state_dict_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a weights file safely onto ``map_location``. Raises FileNotFoundError / ValueError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return load_file(str(path), device=str(map_location))
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(str(path), map_location=map_location, weights_only=True)
     except Exception as e:  # pickle with code, truncated file, not a torch file at all
-        raise ValueError(f"cannot read checkpoint {path} safely (weights_only=True): {e}") from e
+        raise ValueError(f"cannot read checkpoint {path} safely (weights_only=True): {_gist(e)}") from e
     if not isinstance(obj, dict):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def _gist(e: Exception) -> str:
+    """One line of a load error: torch's refusal of a pickled object is a page whose point is one line."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    hit = next((ln for ln in lines if "Unsupported global" in ln), lines[0] if lines else type(e).__name__)
+    return hit.removeprefix("WeightsUnpickler error: ").split(". ")[0].rstrip(".") + "."
 
 
 def unwrap_state_dict(obj: dict) -> dict[str, torch.Tensor]:

@@ -49,6 +49,21 @@ def _cmd_zoo(a: argparse.Namespace) -> None:
     print(format_zoo(with_paper(rows) if a.paper else rows, batch=a.batch))
 
 
+def _cmd_models(a: argparse.Namespace) -> None:
+    from toolkit.connector import PRISMATIC_ARCH
+    from toolkit.paper import CONNECTOR, LLM, PAPER_CONFIGS
+
+    conn = f"{PRISMATIC_ARCH[CONNECTOR]} ({CONNECTOR})"
+    print(f"{'id':30s} {'family':12s} {'input':>9s} {'tokens':>6s} {'connector':30s} {'LLM':14s} "
+          f"{'release backbone id':38s} {'VQA':>6s} {'Loc':>6s} {'overall':>7s}")
+    for c in PAPER_CONFIGS.values():
+        size = f"{c.input_hw[1]}x{c.input_hw[0]}"
+        print(f"{c.id:30s} {c.family:12s} {size:>9s} {c.tokens:6d} {conn:30s} {LLM:14s} "
+              f"{c.release_backbone_id:38s} {c.vqa:6.2f} {c.loc:6.2f} {c.overall:7.2f}")
+    print("\nScores: the paper's weighted VQA / localisation / overall. Open a release run directory with "
+          "toolkit.prismatic.load_prismatic(run_dir, llm=<local LLM dir>, vision_weights=<official backbone file>).")
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
     p = argparse.ArgumentParser(prog="vlmtk", description=__doc__)
@@ -74,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     z.add_argument("--paper", action="store_true", help="add the paper's token and parameter counts beside ours")
     z.add_argument("--batch", type=int, default=1, help="batch size the FLOPs are counted at (default 1)")
     z.set_defaults(fn=_cmd_zoo)
+    m = sub.add_parser("models", help="the study's eight released VLMs: backbone, input, tokens, LLM, paper scores")
+    m.set_defaults(fn=_cmd_models)
     args = p.parse_args(argv)
     args.fn(args)
 

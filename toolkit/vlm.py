@@ -90,10 +90,17 @@ class VLM(nn.Module):
     def build(cls, cfg: VLMConfig, tokenizer=None) -> "VLM":
         backbone = create_backbone(cfg.backbone, **cfg.backbone_overrides)
         if cfg.backbone_weights:
-            backbone.load_official(cfg.backbone_weights) if not str(cfg.backbone_weights).endswith(".safetensors") \
-                else _load_own_backbone(backbone, cfg.backbone_weights)
+            load_backbone_weights(backbone, cfg.backbone_weights)
         lm, tok = build_lm(cfg.lm, tokenizer)
         return cls(cfg, backbone, lm, tok)
+
+    @classmethod
+    def from_prismatic(cls, run_dir: str | Path, llm: str | Path, vision_weights: str | Path,
+                       backbone_overrides: dict | None = None, map_location: str = "cpu") -> "VLM":
+        """Open a release (Prismatic) run directory: see ``toolkit.prismatic.load_prismatic``."""
+        from toolkit.prismatic import load_prismatic
+
+        return load_prismatic(run_dir, llm, vision_weights, backbone_overrides, map_location)
 
     def train(self, mode: bool = True) -> "VLM":
         super().train(mode)
@@ -263,7 +270,7 @@ class VLM(nn.Module):
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(run_dir / "lm_config")))
         backbone = create_backbone(cfg.backbone, **cfg.backbone_overrides)
         if cfg.backbone_weights:
-            _load_own_backbone(backbone, cfg.backbone_weights)
+            load_backbone_weights(backbone, cfg.backbone_weights)
         vlm = cls(cfg, backbone, lm, tok)
         sd = load_file(str(run_dir / "model.safetensors"), device=map_location)
         missing, unexpected = vlm.load_trainable(sd)
@@ -289,6 +296,58 @@ def _stored_path(path: str | Path, vlm_dir: Path) -> str:
     path, vlm_dir = Path(path).resolve(), vlm_dir.resolve()
     root = vlm_dir.parent.parent if vlm_dir.parent.name == "vlms" else vlm_dir
     return os.path.relpath(path, vlm_dir) if path.is_relative_to(root) else str(path)
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a backbone's weights from either kind of file: the toolkit's own (a flat file whose keys are exactly the
+    backbone's ``state_dict`` keys, as pretraining writes it) or an official one (timm ``.safetensors``, VMamba /
+    MambaVision ``.pth``, detectron2 ``.pkl``, mmdet / mmseg ``.pth``: ``Backbone.load_official``).
+
+    Raises FileNotFoundError for a missing file and ``CheckpointMismatchError`` naming the offending keys when
+    neither layout fits (measured against our keys when the file mostly holds them, else against the official ones).
+    """
+    from toolkit.backbones.base import CheckpointMismatchError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone weights not found: {path}")
+    keys, own = _flat_keys(path), backbone.state_dict().keys()
+    if keys == set(own):
+        _load_own_backbone(backbone, path)
+        return
+    try:
+        backbone.load_official(path)
+    except CheckpointMismatchError as official:
+        err, ours = official, bool(keys) and len(keys & own) * 2 >= len(keys)  # mostly our names: judge by ours
+        if ours:
+            try:
+                _load_own_backbone(backbone, path)
+            except CheckpointMismatchError as e:
+                err = e
+        raise CheckpointMismatchError(f"neither this toolkit's backbone layout nor the official one fits; against "
+                                      f"{'ours' if ours else 'the official one'}: {err}") from None
+
+
+def _flat_keys(path: Path) -> set[str] | None:
+    """The tensor names of a flat weights file, read without loading the tensors where the format allows;
+    None for a nested or unreadable file (``load_official`` then reads it and reports what is wrong)."""
+    if path.suffix == ".pkl":
+        return None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return set(f.keys())
+        except Exception:  # noqa: BLE001 (not a safetensors file: the loader says so)
+            return None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 (legacy format, truncated, unsafe: the loader says so)
+        return None
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return set(obj)
+    return None
 
 
 def _load_own_backbone(backbone: nn.Module, path: str | Path) -> None:
