@@ -116,6 +116,7 @@ def test_release_run_loads_and_survives_save_and_load(tmp_path, tokenizer, llm_d
                                                                          "letterbox")
     assert cfg.lm == LMConfig(name_or_path=str(llm_dir), template="vicuna_v11")
     assert cfg.backbone_weights == str(vision_weights.resolve())
+    assert cfg.box_frame == "original"  # LLaVA's RefCOCO boxes are normalised by the original image size
     assert vlm.template.name == "vicuna_v11" and vlm.resize == PAPER_CONFIGS["vit-s-in1k-224"].resize
     assert tuple(vlm.backbone.data_config.mean) == tuple(vlm.backbone.data_config.std) == HALF  # augreg ViT-S
     linear = PRISMATIC_ARCH[arch] == "mlp1x_gelu"

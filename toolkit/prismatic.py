@@ -116,7 +116,9 @@ def load_prismatic(run_dir: str | Path, llm: str | Path, vision_weights: str | P
     lm, tok = _load_llm(llm_dir, llm_sd, rc.llm_max_length)
     cfg = VLMConfig(backbone=rc.backbone, connector=rc.connector, lm=LMConfig(name_or_path=str(llm_dir),
                     template=TEMPLATE), image_resize_strategy=rc.resize, backbone_overrides=overrides,
-                    backbone_weights=str(Path(vision_weights).resolve()))
+                    backbone_weights=str(Path(vision_weights).resolve()),
+                    # trained on LLaVA's RefCOCO turns, whose boxes are normalised by the original image size
+                    box_frame="original")
     vlm = VLM(cfg, backbone, lm, tok)
     ckpt = run_dir / CHECKPOINT
     _load_projector(vlm.connector, projector_sd, ckpt, rc.arch_specifier)
