@@ -23,9 +23,17 @@ def _cmd_demo(a: argparse.Namespace) -> None:
         from toolkit.pipeline import run_seeds
 
         res = run_seeds(cfg, a.seeds, a.runs, a.cache, make_figures=not a.no_figures)
+        from toolkit.train import distributed
+
+        if not distributed.current().main:
+            return
         print((res["run_dir"] / "summary.md").read_text())
         return
     res = run_experiment(cfg, a.runs, a.cache, make_figures=not a.no_figures)
+    from toolkit.train import distributed
+
+    if not distributed.current().main:  # under torchrun rank 0 reports
+        return
     print_summary(results_frame(res["rows"]))
     print(f"\nReport: {res['run_dir']}/results.md   CSV: {res['run_dir']}/results.csv   "
           f"Figures: {res['run_dir']}/figures/")
@@ -91,6 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     z.set_defaults(fn=_cmd_zoo)
     m = sub.add_parser("models", help="the study's eight released VLMs: backbone, input, tokens, LLM, paper scores")
     m.set_defaults(fn=_cmd_models)
+    from toolkit.eval.harness import add_eval_arguments, eval_command
+
+    e = sub.add_parser("eval", help="score a VLM on RefCOCO/+/g and VQAv2 files in their real layouts, or on your "
+                                    "own images and expressions: results.json, samples_<task>.jsonl, tables")
+    add_eval_arguments(e)
+    e.set_defaults(fn=eval_command)
     args = p.parse_args(argv)
     args.fn(args)
 

@@ -77,6 +77,14 @@ class TrainConfig:
     objects_fraction: float = 0.2  # share of "list every object with its box" turns (toolkit.data.formats)
     # Turns per image in one training sequence (LLaVA's multi-turn rows); a stage's batch_size counts images.
     turns_per_image: int = 1
+    # Scale (toolkit.train.distributed): a stage's batch_size is the global batch, split over torchrun's processes
+    # and grad_accum micro-batches; "bf16" autocasts the forward; LoRA (peft) of rank lora_r replaces full
+    # fine-tuning of the LM when > 0 (merged into the LM when the VLM is saved).
+    grad_accum: int = 1
+    strategy: str = "ddp"  # "ddp" | "fsdp", used when launched by torchrun with more than one process
+    precision: str = "fp32"  # "fp32" | "bf16"
+    activation_checkpointing: bool = False
+    lora_r: int = 0
     checkpoint_every: int = 100
     seed: int = 0
 
@@ -269,6 +277,16 @@ def validate(cfg: ExperimentConfig) -> None:
     for i, st in enumerate(cfg.train.stages):
         if st.steps < 1 or st.batch_size < 1 or st.lr <= 0:
             raise ValueError(f"train.stages.{i}: steps, batch_size and lr must be positive, got {st}")
+    t = cfg.train
+    if t.grad_accum < 1 or t.turns_per_image < 1 or t.lora_r < 0:
+        raise ValueError(f"train: grad_accum and turns_per_image must be >= 1 and lora_r >= 0, got {t.grad_accum}, "
+                         f"{t.turns_per_image}, {t.lora_r}")
+    for field_, value, allowed in (("strategy", t.strategy, ("ddp", "fsdp")), ("precision", t.precision,
+                                                                              ("fp32", "bf16"))):
+        if value not in allowed:
+            raise ValueError(f"train.{field_}={value!r}; choose one of {allowed}")
+    if t.lora_r and t.strategy == "fsdp":
+        raise ValueError("train.lora_r with strategy fsdp is not supported: LoRA trains a few small matrices, use ddp")
     for name in ("pretrain", "dense"):
         c = getattr(cfg, name)
         if c.epochs < 1 or c.batch_size < 1 or c.lr <= 0:

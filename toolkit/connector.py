@@ -41,6 +41,12 @@ def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(code, (0, dim - 4 * q))
 
 
+def _scalar_pos_scale(module, state_dict, prefix, *args) -> None:
+    key = prefix + "pos_scale"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
 class MLPConnector(nn.Module):
     """``(B, N, vis_dim)`` visual tokens -> ``(B, N, llm_dim)`` LM input embeddings.
 
@@ -60,7 +66,9 @@ class MLPConnector(nn.Module):
             if grid is None:
                 raise ValueError("image_pos='sincos2d' needs the token grid (h, w)")
             self.register_buffer("pos_code", sincos_2d(*grid, llm_dim), persistent=False)
-            self.pos_scale = nn.Parameter(torch.ones(()))
+            # shape (1,), not (): FSDP shards no 0-d parameter; files written with a 0-d one still load
+            self.pos_scale = nn.Parameter(torch.ones(1))
+            self.register_load_state_dict_pre_hook(_scalar_pos_scale)
         else:
             self.pos_code = None
         self.name = PRISMATIC_ARCH.get(name, name)

@@ -180,8 +180,9 @@ def answer_logits(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
     The output layer runs only there: answers are a few tokens of a sequence mostly made of image and prompt
     tokens, and logits everywhere else would cost about a fifth of a small LM's training step for nothing.
     Equals the HF ``labels=`` loss when averaged (``F.cross_entropy(*answer_logits(...))``)."""
-    hidden = lm.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           position_ids=position_ids).last_hidden_state  # (B, T, d)
+    # get_decoder, not base_model: under a peft (LoRA) wrapper base_model is the adapter model, not the decoder
+    hidden = lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                              position_ids=position_ids).last_hidden_state  # (B, T, d)
     targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE_INDEX
     return lm.get_output_embeddings()(hidden[:, :-1][keep]).float(), targets[keep]

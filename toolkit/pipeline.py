@@ -23,6 +23,7 @@ from toolkit.eval.metrics import metric_row
 from toolkit.eval.reliance import image_reliance
 from toolkit.llm import TEMPLATES
 from toolkit.registry import backbone_entry
+from toolkit.train import distributed
 from toolkit.train.common import pick_device, seed_everything
 from toolkit.train.dense import dense_tune_backbone
 from toolkit.train.pretrain import load_image_folder, pretrain_backbone
@@ -33,7 +34,8 @@ STYLES = ("refcoco", "refcoco+", "refcocog")
 
 
 def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    if distributed.current().main:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def _check_same_config(path: Path, cfg: ExperimentConfig) -> None:
@@ -87,11 +89,14 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
 
     t_start = time.time()
     validate(cfg)
+    d = distributed.current()
+    if not d.main:  # under torchrun rank 0 makes the data, backbones and LM first; the others then read them
+        distributed.barrier()
     run_dir = Path(runs_root) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_config(run_dir / "config.json", cfg)
     cfg.save(run_dir / "config.json")
-    device = pick_device(cfg.device)
+    device = distributed.device_for(d, pick_device(cfg.device))
     seed_everything(cfg.train.seed)
     _log(f"run {run_dir} on {device}; backbones: {', '.join(cfg.backbones)}")
 
@@ -142,6 +147,8 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         if not (lm_dir / "config.json").is_file():
             _build_lm_base(cfg, turns, lm_dir, device)
         lm_cfg = replace(cfg.lm, name_or_path=str(lm_dir))
+    if d.main:
+        distributed.barrier()
 
     # 3. one VLM per spec (backbone spec and connector)
     for name, (weights, conn) in vlm_specs.items():
@@ -153,10 +160,15 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         vlm = VLM.build(vcfg).to(device)
         feats = encode_all(vlm, train_images, desc=f"encode {name}")
         rec = train_vlm(vlm, feats, turns, cfg.train, out, device)
+        if not d.main:
+            continue
         (out / "train_record.json").write_text(json.dumps(rec, indent=2))
         _log(f"trained VLM on {name}: {rec['steps']} steps in {rec['seconds']} s, final loss {rec['final_loss']}")
 
-    # 4. evaluation on val (cached per VLM and eval config)
+    if not d.main:
+        return dict(run_dir=run_dir, rows=[], pretrain=pre)
+
+    # 4. evaluation on val (cached per VLM and eval config), by rank 0 alone
     refs = [r for s in STYLES for r in load_refcoco(world.root, s, "val")[: cfg.eval.max_per_style]]
     vqa = load_vqa_split(world.root, "val")[: cfg.eval.max_vqa]
     val_conv = load_llava(world.llava / "val.json", world.root)
@@ -243,6 +255,8 @@ def run_seeds(cfg: ExperimentConfig, n_seeds: int, runs_root: str | Path = "runs
         _log(f"seed {k + 1} of {n_seeds}")
         frames.append(pd.DataFrame(run_experiment(run, runs_root, cache_root, make_figures)["rows"]).assign(seed=k))
     out = Path(runs_root) / f"{cfg.name}-seeds"
+    if not distributed.current().main:
+        return dict(run_dir=out, summary=None)
     summary = seed_summary(pd.concat(frames, ignore_index=True))
     write_seed_summary(out, summary, cfg, n_seeds)
     return dict(run_dir=out, summary=summary)

@@ -188,10 +188,16 @@ class VLM(nn.Module):
         return self.turns_loss(visual_tokens, [[(p, a)] for p, a in zip(prompts, answers)])
 
     def turns_loss(self, visual_tokens: torch.Tensor, conversations: Sequence[Sequence[tuple[str, str]]],
-                   isolate: bool = False) -> torch.Tensor:
-        """Next-token loss on every answer of ``conversations[b]``, the turns about image b (see ``assemble_turns``)."""
+                   isolate: bool = False, reduction: str = "mean") -> torch.Tensor:
+        """Next-token loss on every answer of ``conversations[b]``, the turns about image b (see ``assemble_turns``),
+        averaged over the answer tokens (``reduction="sum"``: summed, for losses split over micro-batches)."""
         b = self.assemble_turns(visual_tokens, conversations, isolate=isolate)
-        return F.cross_entropy(*answer_logits(self.lm, b.inputs_embeds, b.attention_mask, b.labels, b.position_ids))
+        return F.cross_entropy(*answer_logits(self.lm, b.inputs_embeds, b.attention_mask, b.labels, b.position_ids),
+                               reduction=reduction)
+
+    def answer_token_count(self, answers: Sequence[str]) -> int:
+        """Supervised tokens of ``answers`` as ``assemble_turns`` writes them (each answer's tokens and its EOS)."""
+        return sum(len(ids) + 1 for ids in self.tokenizer(list(answers), add_special_tokens=False).input_ids)
 
     @torch.no_grad()
     def generate(self, visual_tokens: torch.Tensor, prompts: Sequence[str], max_new_tokens: int = 24) -> list[str]:
@@ -235,12 +241,14 @@ class VLM(nn.Module):
         sd.update({f"lm.{k}": v for k, v in self.lm.state_dict().items()})
         return sd
 
-    def save(self, run_dir: str | Path) -> None:
+    def save(self, run_dir: str | Path, trainable: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the VLM; ``trainable`` (keys as ``trainable_state_dict``'s) stands in for the module's own weights,
+        e.g. the full weights gathered from FSDP shards."""
         from toolkit.checkpoints import save_safetensors
 
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        sd = self.trainable_state_dict()
+        sd = dict(trainable) if trainable is not None else self.trainable_state_dict()
         # Tied input/output embeddings share storage; safetensors refuses shared tensors, so drop the alias.
         if getattr(self.lm.config, "tie_word_embeddings", False):
             sd.pop("lm.lm_head.weight", None)

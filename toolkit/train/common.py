@@ -34,17 +34,22 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
 
 
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params: list[torch.nn.Parameter],
-                   grad_clip: float | None = 1.0) -> float:
+def optimizer_step(loss: torch.Tensor | Callable[[], float], opt: torch.optim.Optimizer, sched,
+                   params: list[torch.nn.Parameter], grad_clip: float | None = 1.0) -> float:
     """The one update every training loop makes: backward, clip the global gradient norm, step, schedule.
-    Returns the loss as a float."""
+    ``loss`` is the step's loss, or a function that runs the step's backward passes itself (micro-batches of
+    gradient accumulation and of distributed ranks) and returns the step's loss. Returns the loss as a float."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    if callable(loss):
+        value = loss()
+    else:
+        loss.backward()
+        value = loss.item()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     opt.step()
     sched.step()
-    return loss.item()
+    return value
 
 
 def fit_minibatches(params: list[torch.nn.Parameter], batch_loss: Callable[[torch.Tensor], torch.Tensor], n_items: int,

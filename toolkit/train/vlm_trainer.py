@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from toolkit.config import StageConfig, TrainConfig
 from toolkit.llm import IGNORE_INDEX, PromptTemplate, answer_logits
+from toolkit.train import distributed
 from toolkit.train.common import load_train_state, loss_curve, optimizer_step, save_train_state, warmup_cosine
 from toolkit.vlm import VLM
 
@@ -80,53 +82,120 @@ def _sample(by_image: list[dict[str, list[Turn]]], batch_size: int, turns_per_im
     return batch
 
 
+class TurnsLoss(nn.Module):
+    """The trained part of a VLM (connector + LM) as one module, the one DDP and FSDP wrap:
+    ``(visual tokens (B, N, C_vis), conversations) -> summed answer-token loss``. The frozen backbone stays out."""
+
+    def __init__(self, vlm: VLM):
+        super().__init__()
+        self.connector, self.lm = vlm.connector, vlm.lm
+        self._vlm = (vlm,)  # a tuple, so the VLM (and its backbone) is not a submodule
+
+    def forward(self, visual_tokens: torch.Tensor, conversations: Sequence[Sequence[tuple[str, str]]]) -> torch.Tensor:
+        return self._vlm[0].turns_loss(visual_tokens, conversations, isolate=True, reduction="sum")
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _add_lora(vlm: VLM, r: int) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted({n.rsplit(".", 1)[-1] for n, m in vlm.lm.named_modules() if isinstance(m, nn.Linear)}
+                     & set(LORA_TARGETS))
+    if not targets:
+        raise ValueError(f"train.lora_r={r}: the LM has none of the linear layers LoRA adapts ({', '.join(LORA_TARGETS)})")
+    vlm.lm = get_peft_model(vlm.lm, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets))
+
+
+def _micro_batches(batch: list, d: distributed.Dist, accum: int) -> list[list]:
+    """This rank's ``accum`` slices of the global batch (the same batch on every rank)."""
+    n = d.world * accum
+    if len(batch) % n:
+        raise ValueError(f"a batch of {len(batch)} images does not split into {d.world} processes x {accum} "
+                         f"accumulation steps: make the stage's batch_size a multiple of {n}")
+    k = len(batch) // n
+    return [batch[(d.rank * accum + j) * k:(d.rank * accum + j + 1) * k] for j in range(accum)]
+
+
 def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: TrainConfig, out_dir: Path,
               device: torch.device, stages: Sequence[StageConfig] | None = None) -> dict:
-    """Run the configured stages; resume from ``out_dir/train_state.pt`` when present. Returns a record."""
+    """Run the configured stages; resume from ``out_dir/train_state.pt`` when present (on any number of
+    processes: see ``toolkit.train.distributed``). Returns a record; rank 0 writes the VLM."""
     stages = tuple(stages or cfg.stages)
+    d = distributed.current()
     state_path = out_dir / "train_state.pt"
     state = load_train_state(state_path)
     start_stage, start_step, losses = 0, 0, []
     if state is not None:
-        vlm.load_trainable(state["trainable"])
         start_stage, start_step, losses = state["stage"], state["step"], list(state["losses"])
     vlm.to(device)
+    if cfg.lora_r:
+        _add_lora(vlm, cfg.lora_r)
+    if cfg.activation_checkpointing:
+        vlm.lm.gradient_checkpointing_enable()
+    core = TurnsLoss(vlm)
     mix = training_mix(cfg)
     by_image = _group(turns, mix)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     t0 = time.time()
     for si in range(start_stage, len(stages)):
         st = stages[si]
         vlm.train()
-        vlm.lm.requires_grad_(st.train_lm)
-        params = [p for p in list(vlm.connector.parameters()) + list(vlm.lm.parameters()) if p.requires_grad]
+        for name, p in vlm.lm.named_parameters():
+            p.requires_grad_(st.train_lm and (not cfg.lora_r or "lora_" in name))
+        model = distributed.wrap(core, cfg.strategy, d, layers=list(vlm.lm.get_decoder().layers))
+        params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=cfg.weight_decay)
         sched = warmup_cosine(opt, int(cfg.warmup_frac * st.steps), st.steps)
         gen = torch.Generator().manual_seed(cfg.seed + 1000 * si)
         step = 0
         if state is not None and si == start_stage:
-            opt.load_state_dict(state["optimizer"])
+            distributed.load_full_state(model, opt, state["trainable"], state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             gen.set_state(state["rng"])
             step = start_step
-        bar = tqdm(total=st.steps, initial=step, desc=f"{vlm.cfg.backbone} {st.name}", unit="step", leave=False)
+        bar = tqdm(total=st.steps, initial=step, desc=f"{vlm.cfg.backbone} {st.name}", unit="step", leave=False,
+                   disable=not d.main)
         while step < st.steps:
             batch = _sample(by_image, st.batch_size, cfg.turns_per_image, mix, gen)
-            feats = features[[conv[0].image for conv in batch]].to(device)
-            loss = vlm.turns_loss(feats, [[(t.prompt, t.answer) for t in conv] for conv in batch], isolate=True)
-            loss = optimizer_step(loss, opt, sched, params, cfg.grad_clip)
+            n_tokens = vlm.answer_token_count([t.answer for conv in batch for t in conv])
+            mine = _micro_batches(batch, d, cfg.grad_accum)
+
+            def backward() -> float:
+                total = 0.0
+                for j, part in enumerate(mine):
+                    with distributed.no_sync(model, sync=j == len(mine) - 1):
+                        with autocast:
+                            loss = model(features[[conv[0].image for conv in part]].to(device),
+                                         [[(t.prompt, t.answer) for t in conv] for conv in part])
+                        # world / n_tokens: the ranks' averaged gradient is the whole batch's mean-loss gradient
+                        (loss * (d.world / n_tokens)).backward()
+                    total += loss.item()
+                return distributed.all_sum(total) / n_tokens
+
+            loss = optimizer_step(backward, opt, sched, params, cfg.grad_clip)
             step += 1
             losses.append(loss)
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}")
             if step % cfg.checkpoint_every == 0 and step < st.steps:
-                save_train_state(state_path, stage=si, step=step, losses=losses, trainable=vlm.trainable_state_dict(),
-                                 optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=gen.get_state())
+                weights, optim = distributed.full_state(model, opt)
+                if d.main:
+                    save_train_state(state_path, stage=si, step=step, losses=losses, trainable=weights,
+                                     optimizer=optim, scheduler=sched.state_dict(), rng=gen.get_state())
+                distributed.barrier()
         bar.close()
         state = None
-    vlm.save(out_dir)
-    state_path.unlink(missing_ok=True)
+    weights = distributed.full_weights(core) if cfg.strategy == "fsdp" and d.world > 1 else None
+    if cfg.lora_r:
+        vlm.lm = vlm.lm.merge_and_unload()
+    if d.main:
+        vlm.save(out_dir, trainable=weights)
+        state_path.unlink(missing_ok=True)
+    distributed.barrier()
     return dict(seconds=round(time.time() - t0, 1), steps=sum(s.steps for s in stages), final_loss=_tail_mean(losses),
-                loss_curve=loss_curve(losses))
+                loss_curve=loss_curve(losses), processes=d.world)
 
 
 def pretrain_lm_text(lm, tok, template: PromptTemplate, turns: Sequence[Turn], steps: int, batch_size: int, lr: float,
