@@ -10,8 +10,27 @@ from pathlib import Path
 import torch
 
 
+def pretrain(out: str) -> None:
+    """Classification pretraining of vit-test on 64 random 32 px images, 2 epochs of batch 16."""
+    from toolkit.config import PretrainConfig
+    from toolkit.train import distributed
+    from toolkit.train.pretrain import pretrain_backbone
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 4, (64,), generator=g)
+    data = (images, labels, ["a", "b", "c", "d"])
+    rec = pretrain_backbone("vit-test", data, data, PretrainConfig(epochs=2, batch_size=16, warmup_steps=1),
+                            Path(out) / "vit-test.safetensors", torch.device("cpu"))
+    if distributed.current().main:
+        (Path(out) / "record.json").write_text(json.dumps(dict(losses=rec["loss_curve"])))
+
+
 def main(work: str, out: str, overrides: str) -> None:
     torch.set_num_threads(1)
+    if json.loads(overrides).get("pretrain"):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        return pretrain(out)
     from transformers import AutoTokenizer
 
     from toolkit.config import StageConfig, TrainConfig

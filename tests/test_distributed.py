@@ -107,6 +107,18 @@ def test_a_killed_run_resumes_on_another_number_of_processes(work, single):
     assert not state.exists()
 
 
+def test_backbone_pretraining_on_two_processes_matches_one(work):
+    one = _run(work, work / "pre1", 1, pretrain=True)
+    two = _run(work, work / "pre2", 2, pretrain=True)
+    assert len(one) == 8
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), atol=2e-4, rtol=0)
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(work / d / "vit-test.safetensors")) for d in ("pre1", "pre2"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
+
+
 def test_bf16_autocast_trains_near_fp32(work, single):
     losses = _run(work, work / "bf16", 1, precision="bf16")
     assert all(torch.isfinite(torch.tensor(losses)))

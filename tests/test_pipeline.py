@@ -183,3 +183,32 @@ def test_pretraining_and_dense_tuning_feed_each_backbone_its_own_input_size(smok
                                     DenseConfig(epochs=1, batch_size=32, warmup_steps=1), tmp_path / "d.safetensors",
                                     torch.device("cpu"))
     assert set(seen) == {(48, 32)} and rec["label_hw"] == [12, 8] and 0 <= rec["miou"] <= 1
+
+
+@pytest.mark.slow
+def test_given_backbone_weights_and_own_llava_data(smoke_run, capsys):
+    """Paper-scale inputs on the smoke world: a backbone taken from a file instead of pretrained (and dense-tuned
+    from it), and VLMs trained on a LLaVA file of one's own (text-only conversations left out, with a line)."""
+    cfg, root, res, _ = smoke_run
+    given = res["run_dir"] / "backbones" / "vit-test.safetensors"
+    world = next((root / "cache").glob("world-*"))
+    records = json.loads((world / "llava" / "train.json").read_text())
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]})
+    own = root / "own_llava.json"
+    own.write_text(json.dumps(records))
+    mine = apply_overrides(replace(cfg, name="given", backbones=("vit-test", "vit-test+dense")),
+                           [f'backbone_weights={{"vit-test": "{given}"}}', f"train_llava={own}",
+                            f"train_images={world}"])
+    out = run_experiment(mine, root / "runs", root / "cache", make_figures=False)["run_dir"]
+    assert not (out / "backbones" / "vit-test.safetensors").exists()  # not pretrained again
+    assert json.loads((out / "backbones" / "vit-test+dense.json").read_text())["init"] == str(given.resolve())
+    assert json.loads((out / "vlms" / "vit-test" / "config.json").read_text())["backbone_weights"] == \
+        str(given.resolve())
+    df = pd.read_csv(out / "results.csv")
+    assert not ((df.backbone == "vit-test") & (df.task == "pretrain")).any()
+    assert "1 text-only ones left out" in capsys.readouterr().out
+    for bad, message in ((['backbone_weights={"vit-b-in1k-224": "x"}'], "not among the run's backbones"),
+                         ([f'backbone_weights={{"vit-test": "{root / "missing.pth"}"}}'], "not found"),
+                         ([f"train_llava={own}"], "go together")):
+        with pytest.raises((KeyError, ValueError, FileNotFoundError), match=message):
+            apply_overrides(mine, bad + (["train_images=null"] if "train_llava" in bad[0] else []))

@@ -123,6 +123,13 @@ class ExperimentConfig:
     eval: EvalConfig = EvalConfig()
     figure_examples: int = 4
     device: str = "auto"
+    # Paper scale. {registry name: a pretrained file} (the toolkit's own, or official timm / VMamba / MambaVision /
+    # detectron2 / mmdet / mmseg weights): that backbone is taken as given instead of pretrained on the world.
+    backbone_weights: dict = field(default_factory=dict)
+    # A LLaVA conversation file (and the folder its image paths are relative to) to train the VLMs on instead of the
+    # world's; evaluation stays on the world's val split (`vlmtk eval` scores real benchmarks).
+    train_llava: str | None = None
+    train_images: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,6 +249,8 @@ def _set(obj: Any, path: list[str], value: Any, where: str = "") -> Any:
     if not dataclasses.is_dataclass(obj) or head not in {f.name for f in dataclasses.fields(obj)}:
         raise KeyError(f"`{head}` is not a field of {type(obj).__name__}")
     old = getattr(obj, head)
+    if not rest and value is None and "None" in str(next(f.type for f in dataclasses.fields(obj) if f.name == head)):
+        return replace(obj, **{head: None})  # an optional field unset
     return replace(obj, **{head: _set(old, rest, value, where) if rest else _coerce(old, value, where)})
 
 
@@ -293,6 +302,19 @@ def validate(cfg: ExperimentConfig) -> None:
             raise ValueError(f"{name}: epochs, batch_size and lr must be positive, got {c}")
     if not cfg.backbones:
         raise ValueError("backbones is empty: name at least one registered backbone")
+    bases = {split_spec(split_vlm_spec(b)[0])[0] for b in cfg.backbones}
+    for name, path in cfg.backbone_weights.items():
+        if name not in bases:
+            raise KeyError(f"backbone_weights names `{name}`, which is not among the run's backbones "
+                           f"({', '.join(sorted(bases))})")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"backbone_weights[{name!r}]: {path} not found")
+    if (cfg.train_llava is None) != (cfg.train_images is None):
+        raise ValueError("train_llava and train_images go together: the LLaVA file and the folder of its images")
+    if cfg.train_llava is not None and not Path(cfg.train_llava).is_file():
+        raise FileNotFoundError(f"train_llava: {cfg.train_llava} not found")
+    if cfg.train_images is not None and not Path(cfg.train_images).is_dir():
+        raise FileNotFoundError(f"train_images: {cfg.train_images} is not a folder")
 
 
 def preset(preset_name: str, **overrides: Any) -> ExperimentConfig:

@@ -27,7 +27,7 @@ from toolkit.train import distributed
 from toolkit.train.common import pick_device, seed_everything
 from toolkit.train.dense import dense_tune_backbone
 from toolkit.train.pretrain import load_image_folder, pretrain_backbone
-from toolkit.train.vlm_trainer import Turn, encode_all, pretrain_lm_text, train_vlm
+from toolkit.train.vlm_trainer import Turn, encode_all, pretrain_lm_text, train_vlm, visual_tokens
 from toolkit.vlm import VLM, VLMConfig
 
 STYLES = ("refcoco", "refcoco+", "refcocog")
@@ -90,17 +90,20 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     t_start = time.time()
     validate(cfg)
     d = distributed.current()
-    if not d.main:  # under torchrun rank 0 makes the data, backbones and LM first; the others then read them
-        distributed.barrier()
     run_dir = Path(runs_root) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_config(run_dir / "config.json", cfg)
-    cfg.save(run_dir / "config.json")
     device = distributed.device_for(d, pick_device(cfg.device))
     seed_everything(cfg.train.seed)
+    # Under torchrun rank 0 checks the run and makes the world first; the others then read them from disk.
+    for turn in (True, False):
+        if d.main == turn:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _check_same_config(run_dir / "config.json", cfg)
+            if d.main:
+                cfg.save(run_dir / "config.json")
+            world = world_data(cfg, Path(cache_root))
+        if turn:
+            distributed.barrier()
     _log(f"run {run_dir} on {device}; backbones: {', '.join(cfg.backbones)}")
-
-    world = world_data(cfg, Path(cache_root))
     _log(f"scene world ready at {world.root}")
 
     # 1. matched backbone pretraining on the classification set, then dense-task tuning where a spec asks for it
@@ -113,7 +116,18 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         backbone_entry(base)  # an unknown name fails here, before any training
     pre, dense = {}, {}
     cls_data = None
+
+    def weights_of(spec: str) -> str:
+        """The file a backbone spec's weights are in: given (``backbone_weights``) or trained in this run."""
+        base, is_dense = specs.get(spec, split_spec(spec))
+        if not is_dense and base in cfg.backbone_weights:
+            return str(Path(cfg.backbone_weights[base]).resolve())
+        return str(run_dir / "backbones" / f"{spec}.safetensors")
+
     for base in dict.fromkeys(b for b, _ in specs.values()):
+        if base in cfg.backbone_weights:
+            pre[base] = dict(backbone=base, weights=weights_of(base), top1=None)
+            continue
         path = run_dir / "backbones" / f"{base}.safetensors"
         if path.is_file() and path.with_suffix(".json").is_file():
             pre[base] = json.loads(path.with_suffix(".json").read_text())
@@ -130,25 +144,30 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         if path.is_file() and path.with_suffix(".json").is_file():
             dense[spec] = json.loads(path.with_suffix(".json").read_text())
             continue
-        dense[spec] = dense_tune_backbone(base, run_dir / "backbones" / f"{base}.safetensors", world.root, cfg.dense,
-                                          path, device, cfg.train.seed)
+        dense[spec] = dense_tune_backbone(base, weights_of(base), world.root, cfg.dense, path, device, cfg.train.seed)
         _log(f"dense-tuned {spec}: val mIoU {dense[spec]['miou']:.3f} in {dense[spec]['train_seconds']} s")
 
     # 2. training turns (LLaVA format) and a tokenizer + text-only LM shared by every backbone
-    train_conv = load_llava(world.llava / "train.json", world.root)
+    if cfg.train_llava is None:
+        train_conv = load_llava(world.llava / "train.json", world.root)
+    else:
+        train_conv = load_llava(cfg.train_llava, cfg.train_images)
+        text_only = sum(r.image_path is None for r in train_conv)
+        train_conv = [r for r in train_conv if r.image_path is not None]
+        _log(f"training data {cfg.train_llava}: {len(train_conv)} conversations with an image"
+             + (f" ({text_only} text-only ones left out: the VLM trains on image turns)" if text_only else ""))
     train_images = sorted({str(r.image_path) for r in train_conv})
     index = {p: i for i, p in enumerate(train_images)}
     turns = turns_from_llava(train_conv, index)
-    if cfg.train.objects_fraction > 0:
+    if cfg.train.objects_fraction > 0 and cfg.train_llava is None:
         turns += object_list_turns(world, "train", index)
     lm_cfg = cfg.lm
     if cfg.lm.name_or_path is None:  # a fresh LM: train tokenizer + text warm-up once, shared by every backbone
         lm_dir = run_dir / "lm_base"
-        if not (lm_dir / "config.json").is_file():
+        if d.main and not (lm_dir / "config.json").is_file():
             _build_lm_base(cfg, turns, lm_dir, device)
+        distributed.barrier()  # the others read the LM rank 0 warmed up
         lm_cfg = replace(cfg.lm, name_or_path=str(lm_dir))
-    if d.main:
-        distributed.barrier()
 
     # 3. one VLM per spec (backbone spec and connector)
     for name, (weights, conn) in vlm_specs.items():
@@ -156,9 +175,9 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         if (out / "config.json").is_file():
             continue
         vcfg = VLMConfig(backbone=specs[weights][0], connector=conn or cfg.connector, lm=lm_cfg, image_pos=cfg.image_pos,
-                         backbone_weights=str(run_dir / "backbones" / f"{weights}.safetensors"))
+                         backbone_weights=weights_of(weights))
         vlm = VLM.build(vcfg).to(device)
-        feats = encode_all(vlm, train_images, desc=f"encode {name}")
+        feats = visual_tokens(vlm, train_images, desc=f"encode {name}")
         rec = train_vlm(vlm, feats, turns, cfg.train, out, device)
         if not d.main:
             continue
@@ -186,7 +205,8 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     rows += grounding_baselines(train_refs, refs, scene_objects(world.root, "val"))
     rows += vqa_baselines(load_vqa_split(world.root, "train"), vqa)
     for name, rec in pre.items():
-        rows.append(metric_row(name, "pretrain", "val", "top1", rec["top1"]))
+        if rec["top1"] is not None:  # None: weights given, not pretrained here
+            rows.append(metric_row(name, "pretrain", "val", "top1", rec["top1"]))
     for name, rec in dense.items():
         rows += [metric_row(name, "dense", "val", m, rec[m]) for m in ("miou", "pixel_acc")]
 

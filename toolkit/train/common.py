@@ -67,8 +67,13 @@ def fit_minibatches(params: list[torch.nn.Parameter], batch_loss: Callable[[torc
     draw from it too), so the epoch's order is saved with it rather than redrawn."""
     from tqdm.auto import tqdm
 
+    from toolkit.train import distributed
+
     if state_path is not None and not modules:
         raise ValueError("resuming needs the modules whose state to save: pass `modules`")
+    d = distributed.current()
+    if batch_size % d.world:
+        raise ValueError(f"batch_size {batch_size} does not split over {d.world} processes")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = max(1, n_items // batch_size)
     total = epochs * steps_per_epoch
@@ -91,20 +96,43 @@ def fit_minibatches(params: list[torch.nn.Parameter], batch_loss: Callable[[torc
             s = step % steps_per_epoch
             if s == 0:
                 order = torch.randperm(n_items, generator=gen)
-            loss = optimizer_step(batch_loss(order[s * batch_size:(s + 1) * batch_size]), opt, sched, params,
-                                  grad_clip)
+            idx = order[s * batch_size:(s + 1) * batch_size]
+
+            def backward(idx=idx) -> float:
+                # Under torchrun each rank takes an equal share of the batch; averaged gradients are the batch's.
+                loss = batch_loss(idx[d.rank::d.world])
+                loss.backward()
+                distributed.average_gradients(params)
+                return distributed.all_sum(loss.item()) / d.world
+
+            loss = optimizer_step(backward, opt, sched, params, grad_clip)
             step += 1
             losses.append(loss)
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}")
-            if state_path is not None and step % checkpoint_every == 0 and step < total:
+            if state_path is not None and step % checkpoint_every == 0 and step < total and d.main:
                 save_train_state(state_path, step=step, losses=losses, order=order,
                                  modules=[m.state_dict() for m in modules], optimizer=opt.state_dict(),
                                  scheduler=sched.state_dict(), rng=gen.get_state(), torch_rng=torch.get_rng_state(),
                                  cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    if state_path is not None:
+    distributed.barrier()
+    if state_path is not None and d.main:
         state_path.unlink(missing_ok=True)
     return total, time.time() - t0, losses
+
+
+def save_backbone(backbone: torch.nn.Module, out_path: Path, record: dict) -> dict:
+    """A trained backbone's weights (safetensors) and its JSON record beside them, written by rank 0 alone."""
+    import json
+
+    from toolkit.checkpoints import save_safetensors
+    from toolkit.train import distributed
+
+    if distributed.current().main:
+        save_safetensors(backbone.state_dict(), out_path)
+        out_path.with_suffix(".json").write_text(json.dumps(record, indent=2))
+    distributed.barrier()
+    return record
 
 
 def loss_curve(losses: Sequence[float], points: int = 100) -> list[list[float]]:

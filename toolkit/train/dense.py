@@ -7,7 +7,6 @@ backbone; the VLM then uses them frozen, exactly as it uses the classification w
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,11 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from toolkit.backbones.base import Backbone
-from toolkit.checkpoints import load_state_dict_file, save_safetensors
 from toolkit.config import DenseConfig
 from toolkit.data.formats import IGNORE_PIXEL, load_coco_semantic
 from toolkit.registry import create_backbone
-from toolkit.train.common import fit_minibatches, loss_curve, seed_everything
+from toolkit.vlm import load_backbone_weights
+from toolkit.train.common import fit_minibatches, loss_curve, save_backbone, seed_everything
 from toolkit.backbones.base import CHANNELS_LAST
 from toolkit.geometry import fit_batch
 from toolkit.train.pretrain import load_images, to_input
@@ -78,7 +77,7 @@ def dense_tune_backbone(name: str, init_weights: str | Path, world_root: str | P
     (safetensors) and a JSON record with validation pixel accuracy and mIoU."""
     seed_everything(seed)
     backbone = create_backbone(name)
-    backbone.load_state_dict(load_state_dict_file(init_weights))
+    load_backbone_weights(backbone, init_weights)  # pretrained here, or an official file
     backbone.to(device, memory_format=CHANNELS_LAST)
     images, labels, names = load_segmentation_split(world_root, "train", backbone, cfg.label_stride)
     label_hw = tuple(labels.shape[-2:])
@@ -101,9 +100,7 @@ def dense_tune_backbone(name: str, init_weights: str | Path, world_root: str | P
                                              state_path=out_path.with_suffix(".state.pt"), modules=[backbone, head])
     val_images, val_labels, _ = load_segmentation_split(world_root, "val", backbone, cfg.label_stride)
     scores = segmentation_scores(backbone, head, val_images, val_labels, device, n_classes)
-    save_safetensors(backbone.state_dict(), out_path)
     record = dict(backbone=name, family=type(backbone).family, task="semantic segmentation",
                   classes=["background", *names], label_hw=list(label_hw), init=str(init_weights), steps=steps,
                   train_seconds=round(seconds, 1), **scores, recipe=asdict(cfg), loss_curve=loss_curve(losses))
-    out_path.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    return record
+    return save_backbone(backbone, out_path, record)

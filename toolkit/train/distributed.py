@@ -68,6 +68,23 @@ def all_sum(x: float) -> float:
     return float(t.item())
 
 
+def average_gradients(params) -> None:
+    """Average the gradients of ``params`` over the ranks in place (one flat all-reduce): data parallelism for the
+    loops whose loss closes over an unwrapped model (backbone pretraining, dense tuning)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def wrap(module: nn.Module, strategy: str, d: Dist, layers: list[nn.Module] = ()) -> nn.Module:
     """``module`` for training on ``d``: as is in one process; DDP, or FSDP with each of ``layers`` (the LM's
     decoder blocks) sharded on its own and the rest at the root. Call it again when the set of trained parameters

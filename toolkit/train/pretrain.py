@@ -5,7 +5,6 @@ The embedded world's single-object set stands in for ImageNet-1K: a classificati
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,11 +15,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from toolkit.backbones.base import CHANNELS_LAST
-from toolkit.checkpoints import save_safetensors
 from toolkit.config import PretrainConfig
 from toolkit.geometry import fit_batch, mean_fill, normalize
 from toolkit.registry import create_backbone
-from toolkit.train.common import fit_minibatches, loss_curve, seed_everything
+from toolkit.train.common import fit_minibatches, loss_curve, save_backbone, seed_everything
 
 
 def load_image_folder(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -116,9 +114,7 @@ def pretrain_backbone(name: str, train: tuple, val: tuple, cfg: PretrainConfig, 
                                                 f"pretrain {name}", state_path=out_path.with_suffix(".state.pt"),
                                                 modules=[model])
     top1 = evaluate_top1(model, val[0], val[1], device)
-    save_safetensors(backbone.state_dict(), out_path)
     record = dict(backbone=name, family=type(backbone).family, top1=top1, n_classes=len(classes), steps=total,
                   train_seconds=round(train_time, 1), params=sum(p.numel() for p in backbone.parameters()),
                   recipe=asdict(cfg), loss_curve=loss_curve(losses))
-    out_path.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    return record
+    return save_backbone(backbone, out_path, record)

@@ -45,6 +45,30 @@ def encode_all(vlm: VLM, image_paths: Sequence[str | Path], batch_size: int = 64
     return torch.cat(out)
 
 
+class EncodedOnDemand:
+    """Visual tokens computed when indexed (``features[[i, j, ...]] -> (k, N, C_vis)``), for training sets whose
+    tokens do not fit in memory (paper scale: 665k images x 196 tokens x 768 channels is 400 GB)."""
+
+    def __init__(self, vlm: VLM, image_paths: Sequence[str | Path]):
+        self.vlm, self.paths = vlm, list(image_paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, idx: Sequence[int]) -> torch.Tensor:
+        pixels = torch.stack([self.vlm.preprocess(Image.open(self.paths[i]))[0] for i in idx])
+        return self.vlm.encode_images(pixels).float()
+
+
+def visual_tokens(vlm: VLM, image_paths: Sequence[str | Path], max_bytes: float = 4e9, desc: str = "encode"):
+    """Every image's visual tokens, computed once and held in memory when they take at most ``max_bytes``
+    (the frozen backbone then runs once per image, not once per step), else ``EncodedOnDemand``."""
+    n_tokens = vlm.backbone.num_tokens(tuple(vlm.backbone.data_config.img_size))
+    if len(image_paths) * n_tokens * vlm.backbone.embed_dim * 4 > max_bytes:
+        return EncodedOnDemand(vlm, image_paths)
+    return encode_all(vlm, image_paths, desc=desc)
+
+
 def training_mix(cfg: TrainConfig) -> dict[str, float]:
     """Share of each turn kind in a batch."""
     rest = 1.0 - cfg.grounding_fraction - cfg.objects_fraction
