@@ -73,22 +73,23 @@ def test_overrides_reject_unknown_fields():
         apply_overrides(preset("smoke"), ["pretrain.epochs"])
 
 
-def test_overrides_take_lists_of_stages_and_check_every_type():
+def test_overrides_take_lists_of_stages_and_check_every_type(tmp_path):
     """`--set train.stages=[...]` used to store plain dicts that crashed only after pretraining."""
     cfg = apply_overrides(preset("smoke"), ['train.stages=[{"name": "align", "steps": 5, "train_lm": false}, '
                                             '{"steps": 9, "lr": 1}]'])
     assert cfg.train.stages == (StageConfig("align", 5, StageConfig.lr, StageConfig.batch_size, False),
                                 StageConfig(steps=9, lr=1.0))
     assert isinstance(cfg.train.stages[1].lr, float)
-    cfg = apply_overrides(preset("smoke"), ["lm.name_or_path=/models/vicuna", "backbones=[\"vit-test\"]"])
-    assert cfg.lm.name_or_path == "/models/vicuna" and cfg.backbones == ("vit-test",)
+    cfg = apply_overrides(preset("smoke"), [f"lm.name_or_path={tmp_path}", "backbones=[\"vit-test\"]"])
+    assert cfg.lm.name_or_path == str(tmp_path) and cfg.backbones == ("vit-test",)
     bad = {"pretrain.epochs=four": "`pretrain.epochs` takes a int", "train.stages=[{\"step\": 5}]": "step not field",
            "train.stages=[]": "train.stages is empty", "train.stages.3.steps=1": "no entry 3",
            "train.stages.0=5": "JSON object of StageConfig", "eval.batch_size=true": "takes a int",
            "world.n_trian=5": "n_trian not field", "pretrain.lr=0": "must be positive", "backbones=[]": "is empty",
-           "train.stages.0.train_lm=1": "takes a bool"}
+           "train.stages.0.train_lm=1": "takes a bool", "lm.name_or_path=/models/none": "neither a local directory",
+           "train.strategy=zero": "choose one of"}
     for assignment, message in bad.items():
-        with pytest.raises((KeyError, ValueError), match=message.replace(" ", ".*")):
+        with pytest.raises((KeyError, ValueError, FileNotFoundError), match=message.replace(" ", ".*")):
             apply_overrides(preset("smoke"), [assignment])
 
 

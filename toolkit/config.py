@@ -309,12 +309,31 @@ def validate(cfg: ExperimentConfig) -> None:
                            f"({', '.join(sorted(bases))})")
         if not Path(path).is_file():
             raise FileNotFoundError(f"backbone_weights[{name!r}]: {path} not found")
+    _check_lm_is_local(cfg.lm.name_or_path)
     if (cfg.train_llava is None) != (cfg.train_images is None):
         raise ValueError("train_llava and train_images go together: the LLaVA file and the folder of its images")
     if cfg.train_llava is not None and not Path(cfg.train_llava).is_file():
         raise FileNotFoundError(f"train_llava: {cfg.train_llava} not found")
     if cfg.train_images is not None and not Path(cfg.train_images).is_dir():
         raise FileNotFoundError(f"train_images: {cfg.train_images} is not a folder")
+
+
+def _check_lm_is_local(name: str | None) -> None:
+    """An LM is a packaged alias, a local directory, or a hub id already in the Hugging Face cache: nothing is
+    downloaded, so anything else fails here instead of after hours of pretraining."""
+    from toolkit.llm import LM_PACKAGES
+
+    if name is None or name in LM_PACKAGES or Path(name).is_dir():
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a valid hub id either (e.g. a path that does not exist)
+        cached = None
+    if not isinstance(cached, str):
+        raise FileNotFoundError(f"lm.name_or_path: `{name}` is neither a local directory nor a model in the Hugging "
+                                f"Face cache (nothing is downloaded here)")
 
 
 def preset(preset_name: str, **overrides: Any) -> ExperimentConfig:
