@@ -22,7 +22,8 @@ from toolkit.viz import side_by_side
 
 def build_app(run_dir: str | Path) -> gr.Blocks:
     """The app over the VLMs of ``run_dir`` (loaded once, on the CPU)."""
-    vlms = load_vlms(run_dir)
+    skipped: dict[str, str] = {}
+    vlms = load_vlms(run_dir, skipped=skipped)
     examples = example_images(run_dir) + photo_examples()
     empty = results_table({})
 
@@ -36,7 +37,11 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
         return side_by_side(analyses), results_table(analyses), f"Grounded with {len(analyses)} backbone(s)."
 
     with gr.Blocks(title="VLM backbone explorer") as demo:
-        gr.Markdown(f"## VLM backbone explorer\nRun `{run_dir}`: where does each backbone's VLM put the box, and why?")
+        gr.Markdown(f"## VLM backbone explorer\nRun `{Path(run_dir).name}`: where does each backbone's VLM put the "
+                    "box, and why? These models were trained on the toolkit's generated scene world (coloured shapes "
+                    "on plain backgrounds); on photos they show how they fail, not what a paper-scale VLM sees.")
+        if skipped:
+            gr.Markdown("**Not loaded:** " + "; ".join(f"`{n}`: {why}" for n, why in skipped.items()))
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 image = gr.File(label="image", file_types=["image"], type="filepath")

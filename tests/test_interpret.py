@@ -173,3 +173,22 @@ def test_example_images_come_from_the_run(tiny_run, tmp_path):
     (ex,) = example_images(tiny_run)
     assert ex.expression == "the red square" and ex.gt_box == (4, 4, 18, 18) and Image.open(ex.image).size == (48, 32)
     assert example_images(tmp_path) == []
+
+
+def test_phone_photos_come_upright_and_messages_name_no_server_folder(tmp_path, vlms):
+    """EXIF orientation 6 (the camera held upright, the sensor sideways): stored 40x20, shown 20x40."""
+    img = Image.new("RGB", (40, 20), (200, 30, 30))
+    img.paste((20, 20, 200), (0, 0, 10, 20))  # the stored left edge is blue
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    up = load_image(tmp_path / "phone.jpg")
+    assert up.size == (20, 40) and up.getpixel((10, 2))[2] > 150  # turned 90 degrees clockwise: blue on top
+    (tmp_path / "upload").mkdir()
+    (tmp_path / "upload" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(ValueError) as e:
+        load_image(tmp_path / "upload" / "broken.png")
+    assert "`broken.png` is not a readable image" in str(e.value) and str(tmp_path) not in str(e.value)
+    assert "Error" not in str(e.value)  # no exception class names
+    with pytest.raises(ValueError, match="leaves the 48x32 image"):
+        analyze(vlms["vit-test"], scene_image(), "the red square", gt_box=(4, 4, 60, 18))

@@ -213,3 +213,23 @@ def test_given_backbone_weights_and_own_llava_data(smoke_run, capsys):
                          ([f"train_llava={own}"], "go together")):
         with pytest.raises((KeyError, ValueError, FileNotFoundError), match=message):
             apply_overrides(mine, bad + (["train_images=null"] if "train_llava" in bad[0] else []))
+
+
+@pytest.mark.slow
+def test_a_damaged_vlm_is_named_and_skipped_while_the_others_load(smoke_run, tmp_path):
+    import shutil
+
+    from toolkit.runs import load_vlms
+
+    run = tmp_path / "copy"
+    shutil.copytree(smoke_run[2]["run_dir"], run)
+    weights = run / "vlms" / "vit-test" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    (run / "vlms" / "half-trained").mkdir()
+    skipped = {}
+    vlms = load_vlms(run, skipped=skipped)
+    assert "vit-test" not in vlms and "vmamba-test" in vlms
+    assert set(skipped) == {"vit-test", "half-trained"} and "do not load" in skipped["vit-test"]
+    assert "no config.json" in skipped["half-trained"] and str(tmp_path) not in skipped["vit-test"]
+    with pytest.raises(Exception):
+        load_vlms(run)  # without `skipped` a damaged model still raises

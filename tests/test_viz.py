@@ -163,3 +163,12 @@ def test_write_result_figures_writes_html_and_links_them(tmp_path):
     assert "vit-test" in html and "vit-test+dense" not in html  # the segmentation curve is not a pretraining curve
     md = (tmp_path / "results.md").read_text()
     assert "## Figures" in md and "(figures/training_curves.html)" in md and "(figures/scores.png)" in md
+
+
+def test_markup_in_expressions_and_answers_is_shown_as_text(analyses):
+    from dataclasses import replace
+
+    a = next(iter(analyses.values()))
+    fig = side_by_side({"<b>vit</b>": replace(a, expression="<img src=x onerror=alert(1)> square")})
+    assert "<img" not in fig.layout.title.text and "&lt;img" in fig.layout.title.text
+    assert not any("<b>vit</b>" in ann.text for ann in fig.layout.annotations)

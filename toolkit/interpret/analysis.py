@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from toolkit.boxes import GROUNDING_PROMPT, box_iou
 from toolkit.geometry import Geometry
@@ -36,9 +36,11 @@ MAX_SIDE = 4096  # larger images are downscaled on load: the models see at most 
 
 # -- inputs ---------------------------------------------------------------------------------------
 def load_image(source, max_side: int = MAX_SIDE) -> Image.Image:
-    """A path, bytes, PIL image or ``(H, W[, C])`` array -> RGB PIL image, downscaled to ``max_side`` if larger.
+    """A path, bytes, PIL image or ``(H, W[, C])`` array -> RGB PIL image, upright (its EXIF orientation applied, as
+    a phone photo is meant to be seen), downscaled to ``max_side`` if larger.
 
-    Anything unreadable raises ValueError with a message for the user; PIL's decompression-bomb guard
+    Anything unreadable raises ValueError with a message for the user that names the file by its name only (an
+    upload's server-side folder means nothing to the user); PIL's decompression-bomb guard
     (``Image.MAX_IMAGE_PIXELS``) is turned into such a message instead of a warning or a crash.
     """
     if source is None:
@@ -52,6 +54,7 @@ def load_image(source, max_side: int = MAX_SIDE) -> Image.Image:
     else:
         raise ValueError(f"not an image: got a {type(source).__name__}; give a file path, bytes, a PIL image "
                          "or an (H, W[, 3]) array")
+    img = ImageOps.exif_transpose(img)  # a copy only when the EXIF orientation says to turn it
     if min(img.size) < 1:
         raise ValueError(f"the image is empty ({img.size[0]}x{img.size[1]} pixels)")
     if max(img.size) > max_side:
@@ -62,7 +65,7 @@ def load_image(source, max_side: int = MAX_SIDE) -> Image.Image:
 
 def _open(source, max_side: int) -> Image.Image:
     raw = isinstance(source, (bytes, bytearray, memoryview))
-    label = "the uploaded data" if raw else f"`{os.fspath(source)}`"
+    label = "the uploaded data" if raw else f"`{Path(os.fspath(source)).name}`"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -75,7 +78,9 @@ def _open(source, max_side: int) -> Image.Image:
     except FileNotFoundError:
         raise ValueError(f"{label} does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{label} is not a readable image ({type(e).__name__}: {e})") from None
+        why = "its format is not one PIL reads" if isinstance(e, UnidentifiedImageError) else \
+            "the file is truncated or damaged"
+        raise ValueError(f"{label} is not a readable image: {why}") from None
     return img
 
 
@@ -203,6 +208,9 @@ def analyze(vlm: VLM, image, expression: str, *, gt_box: Sequence[float] | None 
     """
     expression = validate_expression(expression)
     image = load_image(image)
+    if gt_box is not None and (gt_box[2] > image.width or gt_box[3] > image.height):
+        raise ValueError(f"the ground-truth box {format_pixel_box(gt_box)} leaves the {image.width}x{image.height} "
+                         f"image: give it in the uploaded image's pixels")
     pixels, geom = vlm.preprocess(image)
     grid = vlm.backbone.grid(tuple(pixels.shape[-2:]))
     with capture_attention(vlm.backbone) as att, capture_scan_inputs(vlm.backbone) as scan_inputs:

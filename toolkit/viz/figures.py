@@ -1,6 +1,8 @@
 """Figures over ``toolkit.interpret.Analysis`` results: side by side across backbones, scan directions, export."""
 from __future__ import annotations
 
+import html
+
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +22,7 @@ def grounding_title(name: str, a: Analysis, limit: int = 32) -> str:
     and a box would not fit over one panel)."""
     ans = a.grounding.answer if len(a.grounding.answer) <= limit else a.grounding.answer[:limit] + "..."
     score = "invalid answer" if not a.grounding.valid else "no ground truth" if a.iou is None else f"IoU {a.iou:.2f}"
-    return f"{name}<br>{ans!r} ({score})"
+    return f"{html.escape(name, False)}<br>{html.escape(repr(ans), False)} ({score})"  # titles are HTML: markup as text
 
 
 def _panels(name: str, a: Analysis) -> list[tuple[str, list[go.BaseTraceType], list[dict]]]:
@@ -71,7 +73,7 @@ def side_by_side(analyses: dict[str, Analysis], *, max_side: int = 256, panel_px
     first = next(iter(analyses.values()))
     return _grid_figure([_panels(n, a) for n, a in analyses.items()], [a.image for a in analyses.values()],
                         first.geometry.orig_h / first.geometry.orig_w, panel_px, max_side,
-                        f"“{first.expression}” (dotted: the patch the backbone maps look from)")
+                        f"“{html.escape(first.expression, False)}” (dotted: the patch the backbone maps look from)")
 
 
 def scan_path_figure(a: Analysis, module: str | None = None, *, max_side: int = 256, panel_px: int = 240) -> go.Figure:
