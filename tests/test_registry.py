@@ -38,6 +38,7 @@ GRIDS = {
     "vit-b-in1k-224": ((14, 14), 768),
     "vit-s-in1k-224": ((14, 14), 384),
     "vit-scene-128": ((8, 8), 128),
+    "vit-patch-scene-128": ((8, 8), 128),
     "vit-test": ((4, 4), 32),
     "vitdet-b-coco-1024": ((64, 64), 768),
     "vitdet-test": ((4, 4), 32),
@@ -210,3 +211,19 @@ def test_importing_only_the_registry_registers_every_family():
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == list_backbones()
+
+
+def test_embedded_vit_has_a_convolutional_stem_on_the_same_grid():
+    import torch.nn as nn
+
+    from toolkit.backbones.vit import ViTConfig, ViTBackbone, conv_stem
+
+    conv, patch = create_backbone("vit-scene-128"), create_backbone("vit-patch-scene-128")
+    strides = [m.stride for m in conv.model.patch_embed.proj if isinstance(m, nn.Conv2d)]
+    assert strides == [(2, 2)] * 4 + [(1, 1)] and isinstance(patch.model.patch_embed.proj, nn.Conv2d)
+    assert conv.grid() == patch.grid() == (8, 8) and conv.embed_dim == patch.embed_dim == 128
+    assert conv_stem(8, 64)(torch.zeros(1, 3, 32, 32)).shape == (1, 64, 4, 4)
+    with pytest.raises(ValueError, match="power-of-two"):
+        conv_stem(14, 64)
+    with pytest.raises(ValueError, match="unknown ViT stem"):
+        ViTBackbone(ViTConfig(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, stem="hybrid"))
