@@ -233,3 +233,24 @@ def test_a_damaged_vlm_is_named_and_skipped_while_the_others_load(smoke_run, tmp
     assert "no config.json" in skipped["half-trained"] and str(tmp_path) not in skipped["vit-test"]
     with pytest.raises(Exception):
         load_vlms(run)  # without `skipped` a damaged model still raises
+
+
+@pytest.mark.slow
+def test_vlmtk_figures_rewrites_every_figure_and_table(smoke_run, capsys):
+    from toolkit.cli import main
+    from toolkit.config import ExperimentConfig
+
+    cfg, _, res, _ = smoke_run
+    run = res["run_dir"]
+    saved = json.loads((run / "config.json").read_text())
+    assert json.loads(json.dumps(ExperimentConfig.load(run / "config.json").to_dict())) == saved  # reads back
+    main(["figures", "--run", str(run), "--formats", "html"])
+    listed = capsys.readouterr().out.split()
+    for stem in ("training_curves.html", "scores.html", "top1_vs_grounding.html", "tables.md", "tables.tex",
+                 "side_by_side_00.html"):
+        assert str(run / "figures" / stem) in listed and (run / "figures" / stem).is_file()
+    tex = (run / "figures" / "tables.tex").read_text()
+    assert tex.count(r"\begin{table}") == tex.count(r"\end{table}") >= 4 and r"\toprule" in tex
+    assert "## Grounding Acc@IoU>=0.5" in (run / "figures" / "tables.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no results.csv"):
+        main(["figures", "--run", str(run / "nowhere")])

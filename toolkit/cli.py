@@ -72,6 +72,14 @@ def _cmd_models(a: argparse.Namespace) -> None:
           "toolkit.prismatic.load_prismatic(run_dir, llm=<local LLM dir>, vision_weights=<official backbone file>).")
 
 
+def _cmd_figures(a: argparse.Namespace) -> None:
+    from toolkit.report import write_all_figures
+
+    written = write_all_figures(a.run, formats=tuple(f.strip() for f in a.formats.split(",") if f.strip()),
+                                examples=not a.no_examples)
+    print("\n".join(str(p) for p in written))
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
     p = argparse.ArgumentParser(prog="vlmtk", description=__doc__)
@@ -99,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     z.set_defaults(fn=_cmd_zoo)
     m = sub.add_parser("models", help="the study's eight released VLMs: backbone, input, tokens, LLM, paper scores")
     m.set_defaults(fn=_cmd_models)
+    f = sub.add_parser("figures", help="every figure and table of a finished run again: curves, score bars, top-1 vs "
+                                       "grounding, side-by-side examples (html/png/pdf/svg), tables (md/tex)")
+    f.add_argument("--run", default="runs/demo", help="the run directory (default: %(default)s)")
+    f.add_argument("--formats", default="html,png,pdf,svg", help="comma-separated (default: %(default)s)")
+    f.add_argument("--no-examples", action="store_true", help="skip the side-by-side examples (they rerun the VLMs)")
+    f.set_defaults(fn=_cmd_figures)
     from toolkit.eval.harness import add_eval_arguments, eval_command
 
     e = sub.add_parser("eval", help="score a VLM on RefCOCO/+/g and VQAv2 files in their real layouts, or on your "

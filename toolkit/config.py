@@ -137,6 +137,11 @@ class ExperimentConfig:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
+    @classmethod
+    def load(cls, path: str | Path) -> "ExperimentConfig":
+        """A saved ``config.json`` back as a config, every field checked as ``--set`` checks it."""
+        return _coerce(cls(), json.loads(Path(path).read_text()), str(path))
+
 
 def _preset_smoke() -> ExperimentConfig:
     """Seconds-long run over tiny models: the test suite's end-to-end check."""

@@ -101,7 +101,27 @@ def print_summary(df: pd.DataFrame) -> None:
         print(f"\n{title}\n{table.to_string(float_format=lambda v: f'{v:.3f}')}")
 
 
-def write_figures(run_dir: Path, refs: Sequence, cfg) -> list[Path]:
+_TEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+                "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
+
+
+def _tex(s) -> str:
+    return "".join(_TEX_SPECIAL.get(c, c) for c in str(s))
+
+
+def latex_table(title: str, df: pd.DataFrame) -> str:
+    """A booktabs table (no jinja2 needed) with the index as leading columns."""
+    flat = df.reset_index()
+    cols = list(flat.columns)
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(title)}}}", r"\small",
+             rf"\begin{{tabular}}{{{'l' * len(cols)}}}", r"\toprule", " & ".join(_tex(c) for c in cols) + r" \\",
+             r"\midrule"]
+    lines += [" & ".join(_tex(v) for v in row) + r" \\" for row in flat.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def write_figures(run_dir: Path, refs: Sequence, cfg, formats: Sequence[str] = ("html", "png")) -> list[Path]:
     """The side-by-side figure (box, similarity, LM attention, backbone map per backbone) for a few val
     expressions, one of each style, as PNG (when a Chromium is at hand) and self-contained HTML."""
     from toolkit.interpret import compare
@@ -123,10 +143,10 @@ def write_figures(run_dir: Path, refs: Sequence, cfg) -> list[Path]:
             fig.update_layout(title=f"{r.dataset}: \u201c{r.expression}\u201d")
             yield fig, f"side_by_side_{i:02d}"
 
-    return _save_figures(figures(), run_dir / "figures")
+    return _save_figures(figures(), run_dir / "figures", formats)
 
 
-def write_result_figures(run_dir: Path, df: pd.DataFrame) -> list[Path]:
+def write_result_figures(run_dir: Path, df: pd.DataFrame, formats: Sequence[str] = ("html", "png")) -> list[Path]:
     """Training curves (from the pretraining records in ``backbones/`` and each VLM's ``train_record.json``) and the
     score bars of ``df``, as self-contained HTML and PNG (when a Chromium is at hand)."""
     from toolkit.config import split_spec
@@ -143,27 +163,87 @@ def write_result_figures(run_dir: Path, df: pd.DataFrame) -> list[Path]:
     # the results' backbone order, so that a backbone has the same colour in both figures
     order = list(dict.fromkeys(df.backbone))
     records = dict(sorted(records.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-    return _save_figures([(training_curves(records), "training_curves"), (score_bars(df), "scores")],
-                         run_dir / "figures")
+    figures = [(training_curves(records), "training_curves"), (score_bars(df), "scores")]
+    if len(df[(df.task == "pretrain") & (df.metric == "top1")]) >= 2:
+        figures.append((top1_vs_grounding(df), "top1_vs_grounding"))
+    return _save_figures(figures, run_dir / "figures", formats)
 
 
-def _save_figures(figures: Iterable, out_dir: Path) -> list[Path]:
-    """(figure, file stem) pairs -> ``out_dir/<stem>.html`` and ``.png``; PNG export is skipped, with one message,
-    once it fails (no browser for kaleido), since it would fail for every figure."""
+def write_all_figures(run_dir: str | Path, formats: Sequence[str] = ("html", "png", "pdf", "svg"),
+                      examples: bool = True) -> list[Path]:
+    """Every figure and table of a finished run, again, from what it saved (``vlmtk figures``): training curves,
+    score bars with intervals, backbone top-1 against VLM grounding, the side-by-side examples (they rerun the
+    VLMs on a few val expressions; ``examples=False`` skips them) in ``formats``, and the report's tables as
+    ``figures/tables.md`` and ``figures/tables.tex``."""
+    from toolkit.config import ExperimentConfig
+    from toolkit.data import load_refcoco
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.csv").is_file():
+        raise FileNotFoundError(f"{run_dir} has no results.csv: finish the run first (`vlmtk demo`)")
+    df = pd.read_csv(run_dir / "results.csv")
+    written = write_result_figures(run_dir, df, formats)
+    tables = summary_tables(df)
+    out = run_dir / "figures"
+    (out / "tables.md").write_text("\n\n".join(f"## {t}\n\n{tab.to_markdown()}" for t, tab in tables.items()) + "\n")
+    (out / "tables.tex").write_text("\n".join(latex_table(t, tab) for t, tab in tables.items()))
+    written += [out / "tables.md", out / "tables.tex"]
+    caches = sorted((run_dir / "vlms").glob("*/eval_val_*.json"))
+    if examples and caches:  # the world the run was scored on, as its evaluation cache names it
+        world = (caches[0].parent / json.loads(caches[0].read_text())["world_root"]).resolve()
+        cfg = ExperimentConfig.load(run_dir / "config.json")
+        refs = [r for s in ("refcoco", "refcoco+", "refcocog")
+                for r in load_refcoco(world, s, "val")[: cfg.eval.max_per_style]]
+        written += write_figures(run_dir, refs, cfg, formats)
+    return written
+
+
+def top1_vs_grounding(df: pd.DataFrame):
+    """The study's "ImageNet accuracy does not predict VLM quality", on a run: each backbone's pretraining top-1
+    against its VLM's grounding Acc@0.5 per style (95% intervals), with Spearman's rank correlation per style."""
+    import plotly.graph_objects as go
+
+    top1 = df[(df.task == "pretrain") & (df.metric == "top1")].set_index("backbone").value
+    g = df[(df.task == "grounding") & (df.metric == "acc@0.5") & df.backbone.isin(top1.index)]
+    fig = go.Figure()
+    notes = []
+    for i, (split, rows) in enumerate(g.groupby("split", sort=False)):
+        x = top1.reindex(rows.backbone).values
+        fig.add_trace(go.Scatter(x=x, y=rows.value, mode="markers+text" if i == 0 else "markers", name=split,
+                                 text=list(rows.backbone), textposition="middle left",  # named once, by the first
+                                 error_y=dict(type="data", array=rows.ci_high - rows.value,
+                                              arrayminus=rows.value - rows.ci_low)))
+        if len(rows) >= 3:
+            rho = pd.Series(x).rank().corr(pd.Series(rows.value.values).rank())
+            notes.append(f"{split} {rho:+.2f}")
+    fig.update_layout(title="Backbone top-1 against VLM grounding; Spearman " + (", ".join(notes) or "n/a"),
+                      xaxis_title="backbone pretraining top-1", yaxis_title="grounding Acc@0.5 (95% interval)",
+                      width=900, height=500)
+    span = max(top1.max() - top1.min(), 0.01)
+    fig.update_xaxes(range=[top1.min() - 0.6 * span, top1.max() + 0.1 * span])  # room for the names on the left
+    return fig
+
+
+def _save_figures(figures: Iterable, out_dir: Path, formats: Sequence[str] = ("html", "png")) -> list[Path]:
+    """(figure, file stem) pairs -> ``out_dir/<stem>.<format>``; image export (png, pdf, svg through kaleido) is
+    skipped, with one message, once it fails (no browser for kaleido), since it would fail for every figure."""
     from toolkit.viz.figures import save_figure
 
-    written, png_error = [], None
+    written, image_error = [], None
     for fig, stem in figures:
-        written.append(save_figure(fig, out_dir / f"{stem}.html"))
-        if png_error is None:
+        for fmt in formats:
+            if fmt != "html" and image_error is not None:
+                continue
             try:
-                written.append(save_figure(fig, out_dir / f"{stem}.png"))
+                written.append(save_figure(fig, out_dir / f"{stem}.{fmt}"))
             except Exception as e:  # the HTML still holds the figure
-                png_error = e
-    if png_error is not None:
-        reason = (str(png_error).splitlines() or [""])[0]
-        print(f"PNG export skipped ({type(png_error).__name__}: {reason}); the figures are HTML in {out_dir}. "
-              "For PNGs: `make chromium`, then run again.")
+                if fmt == "html":
+                    raise
+                image_error = e
+    if image_error is not None:
+        reason = (str(image_error).splitlines() or [""])[0]
+        print(f"PNG/PDF/SVG export skipped ({type(image_error).__name__}: {reason}); the figures are HTML in "
+              f"{out_dir}. For images: `make chromium`, then run again.")
     return written
 
 

@@ -57,6 +57,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from toolkit.report import latex_table
 from toolkit.boxes import GROUNDING_PROMPT, normalize_box, parse_box
 from toolkit.data.expressions import VQA_PROMPT
 from toolkit.data.formats import REFS_FILE, FormatError, load_annotation_pickle, load_refcoco, load_vqa
@@ -619,26 +620,6 @@ def _tables(rows: Sequence[dict], model: str) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
-_TEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
-
-
-def _tex(s) -> str:
-    return "".join(_TEX_SPECIAL.get(c, c) for c in str(s))
-
-
-def _latex_table(title: str, df: pd.DataFrame) -> str:
-    """A booktabs table (no jinja2 needed) with the index as leading columns."""
-    flat = df.reset_index()
-    cols = list(flat.columns)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{_tex(title)}}}", r"\small",
-             rf"\begin{{tabular}}{{{'l' * len(cols)}}}", r"\toprule", " & ".join(_tex(c) for c in cols) + r" \\",
-             r"\midrule"]
-    lines += [" & ".join(_tex(v) for v in row) + r" \\" for row in flat.itertuples(index=False)]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
-    return "\n".join(lines)
-
-
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -817,7 +798,7 @@ def run_eval(vlm, out_dir: str | Path, *, refcoco_root: str | Path | None = None
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     _atomic_write(out_dir / "results.md", "\n".join(md))
-    _atomic_write(out_dir / "results.tex", "\n".join(_latex_table(t, df) for t, df in tables))
+    _atomic_write(out_dir / "results.tex", "\n".join(latex_table(t, df) for t, df in tables))
     _atomic_write(out_dir / "results.json", json.dumps(result, indent=2))  # last: its presence means complete
     return result
 
