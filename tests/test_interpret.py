@@ -120,7 +120,12 @@ def test_compare_runs_every_family_and_tabulates(vlms):
     assert res["maxvit-test"].attention == {} and res["maxvit-test"].scan_paths == {}
     table = results_table(res)
     assert list(table.backbone) == list(RUN_BACKBONES) and list(table.columns) == ["backbone", "answer", "valid",
-                                                                                    "box", "iou"]
+                                                                                    "box", "iou", "backbone_map"]
+    # a family without a map says why, in the table and the figure: MaxViT's block and grid attention is windowed
+    maps = dict(zip(table.backbone, table.backbone_map))
+    assert maps["maxvit-test"].startswith("windowed or off-grid attention (") and "modules)" in maps["maxvit-test"]
+    assert res["maxvit-test"].no_map_reason() == maps["maxvit-test"] and res["vit-test"].no_map_reason() is None
+    assert maps["vit-test"].startswith("attention")
 
 
 def _bomb_png(side: int = 20000) -> bytes:

@@ -184,6 +184,19 @@ class Analysis:
         """The scan path of the block at the tap (the last scan module before the visual tokens)."""
         return next(reversed(self.scan_paths.items()), None)
 
+    def no_map_reason(self) -> str | None:
+        """Why ``backbone_map`` is None, in one line (None when there is a map): the distinct reasons the backbone's
+        modules were skipped (e.g. MaxViT's windowed attention), each with its module count."""
+        if self.backbone_map() is not None:
+            return None
+        if not self.skipped:
+            return "the backbone has no attention or scan modules"
+        counts: dict[str, int] = {}
+        for why in self.skipped.values():
+            head = why.split(":")[0]  # the kind of reason, without the per-module numbers
+            counts[head] = counts.get(head, 0) + 1
+        return "; ".join(f"{why} ({n} module{'s' if n > 1 else ''})" for why, n in counts.items())
+
     def backbone_map(self) -> tuple[str, torch.Tensor] | None:
         """The backbone's own view from the query patch: the tap block's merged scan path, else the attention
         rollout (or the last captured layer), else None."""
@@ -278,10 +291,11 @@ def compare(vlms: dict[str, VLM], image, expression: str, gt_box: Sequence[float
 
 
 def results_table(analyses: dict[str, Analysis]):
-    """One row per backbone: answer, validity, box in original pixels, IoU (a pandas DataFrame)."""
+    """One row per backbone: answer, validity, box in original pixels, IoU, and the backbone map shown (or why
+    there is none) (a pandas DataFrame)."""
     import pandas as pd
 
     rows = [dict(backbone=name, answer=a.grounding.answer, valid=a.grounding.valid,
-                 box=format_pixel_box(a.grounding.box_pixels),
-                 iou=None if a.iou is None else round(a.iou, 3)) for name, a in analyses.items()]
-    return pd.DataFrame(rows, columns=["backbone", "answer", "valid", "box", "iou"])
+                 box=format_pixel_box(a.grounding.box_pixels), iou=None if a.iou is None else round(a.iou, 3),
+                 backbone_map=(a.backbone_map() or (a.no_map_reason(),))[0]) for name, a in analyses.items()]
+    return pd.DataFrame(rows, columns=["backbone", "answer", "valid", "box", "iou", "backbone_map"])

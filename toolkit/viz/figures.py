@@ -32,8 +32,7 @@ def _panels(name: str, a: Analysis) -> list[tuple[str, list[go.BaseTraceType], l
     if bb is not None:
         backbone = (bb[0], [heatmap_trace(bb[1], g, name=bb[0])], box_shapes(query_box=cell_box(a.query, a.grid, g)))
     else:
-        why = f"{len(a.skipped)} modules skipped" if a.skipped else "no attention or scan modules"
-        backbone = (f"no backbone map ({why})", [], [])
+        backbone = (f"no backbone map:<br>{html.escape(a.no_map_reason(), False)}", [], [])
     return [
         (grounding_title(name, a), [], box_shapes(a.grounding.box_pixels, a.gt_box)),
         (f"text-image cosine, {len(a.similarity.tokens)} tokens",
