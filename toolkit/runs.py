@@ -9,6 +9,9 @@
 """
 from __future__ import annotations
 
+import json
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.vlm import VLM
@@ -55,3 +58,48 @@ def load_vlms(run_dir: str | Path, names: list[str] | None = None,
         raise FileNotFoundError(f"no VLM under {Path(run_dir) / 'vlms'} loads: " +
                                 "; ".join(f"{k}: {v}" for k, v in (skipped or {}).items()))
     return out
+
+
+@dataclass(frozen=True)
+class Example:
+    """An image with an expression to try, and its ground-truth box in original pixels when known."""
+
+    image: str
+    expression: str
+    gt_box: tuple[float, float, float, float] | None = None
+
+
+def example_images(run_dir: str | Path, limit: int = 8) -> list[Example]:
+    """Scene-world val examples of a run (the referring expressions its evaluation scored), [] when it has none.
+
+    They are read from the per-example evaluation records under ``vlms/*/eval_val_*.json`` (image paths relative to
+    the world, the world relative to the VLM's directory); images that are no longer on disk are left out.
+    """
+    out: dict[str, Example] = {}
+    for f in sorted(Path(run_dir).glob("vlms/*/eval_val_*.json")):
+        record = json.loads(f.read_text())
+        root = f.parent / record["world_root"] if "world_root" in record else Path()
+        for r in record.get("grounding", []):
+            if len(out) == limit:
+                return list(out.values())
+            path = str(root / r["image_path"])
+            if path not in out and Path(path).is_file():
+                out[path] = Example(path, r["expression"], tuple(r["gt_box"]))
+        if out:  # every VLM of a run is scored on the same examples
+            break
+    return list(out.values())
+
+
+def photo_examples() -> list[Example]:
+    """A real photo (scikit-image's astronaut) written once to the temp dir; [] without scikit-image."""
+    from PIL import Image
+
+    try:
+        from skimage import data
+    except ImportError:
+        return []
+    path = Path(tempfile.gettempdir()) / "toolkit-examples" / "astronaut.png"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(data.astronaut()).save(path)
+    return [Example(str(path), "the face of the astronaut")]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 from typing import Sequence
 
-from toolkit.interpret.analysis import Analysis, Example, compare, load_image, results_table
+from toolkit.interpret import Analysis, Example, compare, load_image, results_table
 from toolkit.viz.figures import side_by_side
 
 
