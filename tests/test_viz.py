@@ -49,6 +49,10 @@ def test_side_by_side_has_a_row_per_backbone_and_scores_in_titles(analyses):
     assert len(dashed) == len(analyses)  # the ground-truth box in each row
     assert titles[4 * list(analyses).index("maxvit-test") + 3] == \
         "no backbone map:<br>windowed or off-grid attention (6 modules)"  # the reason, not just a count
+    maps = [t for t in fig.data if t.type == "heatmap"]
+    assert maps and all(t.showscale and 0 < t.colorbar.x <= 1 and 0 < t.colorbar.y < 1 for t in maps)
+    assert len({(round(t.colorbar.x, 3), round(t.colorbar.y, 3)) for t in maps}) == len(maps)  # one scale per panel
+    assert {s.label.text for s in fig.layout.shapes} >= {"predicted", "truth"}
 
 
 @pytest.mark.skipif(not scan_kernels_available(), reason="toolkit_kernels.ss2d_scan_attention_fn missing")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import textwrap
 
 import os
 import shutil
@@ -32,7 +33,8 @@ def _panels(name: str, a: Analysis) -> list[tuple[str, list[go.BaseTraceType], l
     if bb is not None:
         backbone = (bb[0], [heatmap_trace(bb[1], g, name=bb[0])], box_shapes(query_box=cell_box(a.query, a.grid, g)))
     else:
-        backbone = (f"no backbone map:<br>{html.escape(a.no_map_reason(), False)}", [], [])
+        why = textwrap.wrap(a.no_map_reason(), 42, max_lines=2, placeholder=" ...")  # a panel is ~40 characters wide
+        backbone = ("no backbone map:<br>" + "<br>".join(html.escape(line, False) for line in why), [], [])
     return [
         (grounding_title(name, a), [], box_shapes(a.grounding.box_pixels, a.gt_box)),
         (f"text-image cosine, {len(a.similarity.tokens)} tokens",
@@ -52,7 +54,12 @@ def _grid_figure(rows: list[list[tuple[str, list, list]]], images: list, aspect:
     for r, (row, image) in enumerate(zip(rows, images), start=1):
         for c, (_, traces, shapes) in enumerate(row, start=1):
             fig.add_trace(image_trace(image, max_side), row=r, col=c)
+            sub = fig.get_subplot(r, c)
+            (x0, x1), (y0, y1) = sub.xaxis.domain, sub.yaxis.domain
             for t in traces:
+                if isinstance(t, go.Heatmap):  # each map its own scale, inside its panel's right edge
+                    t.update(showscale=True, colorbar=dict(x=x1, xanchor="right", y=(y0 + y1) / 2, len=0.9 * (y1 - y0),
+                                                           thickness=8, outlinewidth=0, tickfont=dict(size=8)))
                 fig.add_trace(t, row=r, col=c)
             for s in shapes:
                 fig.add_shape(**s, row=r, col=c)

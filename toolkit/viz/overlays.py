@@ -73,10 +73,13 @@ def cell_box(cell: tuple[int, int], grid: tuple[int, int], geom: Geometry) -> tu
 
 
 def box_shapes(pred_box=None, gt_box=None, query_box=None) -> list[dict]:
-    """Rectangles (original pixels): predicted (solid), ground-truth (dashed) and query patch (dotted white)."""
+    """Labelled rectangles (original pixels): predicted (solid), ground-truth (dashed) and query patch (dotted
+    white)."""
     out = []
-    for box, color, dash in ((pred_box, PRED_COLOR, "solid"), (gt_box, GT_COLOR, "dash"), (query_box, "white", "dot")):
+    for box, color, dash, text in ((pred_box, PRED_COLOR, "solid", "predicted"), (gt_box, GT_COLOR, "dash", "truth"),
+                                   (query_box, "white", "dot", "")):
         if box is not None:
             x1, y1, x2, y2 = box
-            out.append(dict(type="rect", x0=x1, y0=y1, x1=x2, y1=y2, line=dict(color=color, width=2, dash=dash)))
+            out.append(dict(type="rect", x0=x1, y0=y1, x1=x2, y1=y2, line=dict(color=color, width=2, dash=dash),
+                            label=dict(text=text, textposition="top left", font=dict(size=9, color=color))))
     return out
