@@ -295,8 +295,9 @@ def validate(cfg: ExperimentConfig) -> None:
     if t.grad_accum < 1 or t.turns_per_image < 1 or t.lora_r < 0:
         raise ValueError(f"train: grad_accum and turns_per_image must be >= 1 and lora_r >= 0, got {t.grad_accum}, "
                          f"{t.turns_per_image}, {t.lora_r}")
-    for field_, value, allowed in (("strategy", t.strategy, ("ddp", "fsdp")), ("precision", t.precision,
-                                                                              ("fp32", "bf16"))):
+    from toolkit.train.distributed import STRATEGIES
+
+    for field_, value, allowed in (("strategy", t.strategy, STRATEGIES), ("precision", t.precision, ("fp32", "bf16"))):
         if value not in allowed:
             raise ValueError(f"train.{field_}={value!r}; choose one of {allowed}")
     if t.lora_r and t.strategy == "fsdp":

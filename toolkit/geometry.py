@@ -20,6 +20,7 @@ input frame by ``box_to_input``, so its round trip returns the visible part, not
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -159,6 +160,12 @@ def normalize(images_u8, mean: Sequence[float], std: Sequence[float]):
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+@functools.lru_cache(maxsize=64)
+def _geometry_of(w0: int, h0: int, size: tuple[int, int], strategy: str) -> Geometry:
+    """The geometry ``apply_geometry`` gives any image of ``w0 x h0`` (it depends on the sizes only)."""
+    return apply_geometry(Image.new("RGB", (w0, h0)), size, strategy)[1]
+
+
 def fit_batch(images, size: tuple[int, int], strategy: str, fill=0, mode: str = "bilinear"):
     """A batch ``(B, C, h, w)`` (uint8 images, or integer label maps with ``mode="nearest"``) onto ``size = (H, W)``
     through ``strategy``, with the geometry ``apply_geometry`` gives one image of that size. Resampled by torch
@@ -169,7 +176,7 @@ def fit_batch(images, size: tuple[int, int], strategy: str, fill=0, mode: str = 
     import torch.nn.functional as F
 
     b, c, h0, w0 = images.shape
-    _, g = apply_geometry(Image.new("RGB", (w0, h0)), size, strategy)
+    g = _geometry_of(w0, h0, tuple(size), strategy)
     if (g.in_h, g.in_w, g.sx, g.sy, g.ox, g.oy) == (h0, w0, 1.0, 1.0, 0.0, 0.0):
         return images
     rh, rw = max(1, round(h0 * g.sy)), max(1, round(w0 * g.sx))

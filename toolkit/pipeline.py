@@ -93,16 +93,15 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     run_dir = Path(runs_root) / cfg.name
     device = distributed.device_for(d, pick_device(cfg.device))
     seed_everything(cfg.train.seed)
-    # Under torchrun rank 0 checks the run and makes the world first; the others then read them from disk.
-    for turn in (True, False):
-        if d.main == turn:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _check_same_config(run_dir / "config.json", cfg)
-            if d.main:
-                cfg.save(run_dir / "config.json")
-            world = world_data(cfg, Path(cache_root))
-        if turn:
-            distributed.barrier()
+
+    def prepare():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _check_same_config(run_dir / "config.json", cfg)
+        if d.main:
+            cfg.save(run_dir / "config.json")
+        return world_data(cfg, Path(cache_root))
+
+    world = distributed.main_first(prepare)  # under torchrun the others read what rank 0 wrote
     _log(f"run {run_dir} on {device}; backbones: {', '.join(cfg.backbones)}")
     _log(f"scene world ready at {world.root}")
 

@@ -174,7 +174,7 @@ class VLM(nn.Module):
         vis = self.connector(visual_tokens.to(dev, embeds.dtype))  # (B, N, d)
         embeds = embeds.masked_scatter(image_mask[..., None], vis.to(embeds.dtype))  # autocast: vis may be bf16
         labels = torch.tensor([padded(r, IGNORE_INDEX) for r in label_rows], device=dev) if has_answers else None
-        if not isolate:
+        if not isolate or all(len(conv) <= 1 for conv in conversations):  # one turn per row: plain causal is isolated
             return Batch(embeds, attn, labels, image_mask, input_ids)
         seg = torch.tensor([padded(r, -1) for r in seg_rows], device=dev)  # (B, T): 0 BOS + image, k turn k, -1 pad
         pos = torch.tensor([padded(r, 0) for r in pos_rows], device=dev)

@@ -58,7 +58,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from toolkit.report import latex_table
-from toolkit.boxes import GROUNDING_PROMPT, normalize_box, parse_box
+from toolkit.boxes import GROUNDING_PROMPT, box_iou, normalize_box, parse_box
 from toolkit.data.expressions import VQA_PROMPT
 from toolkit.data.formats import REFS_FILE, FormatError, load_annotation_pickle, load_refcoco, load_vqa
 from toolkit.eval.metrics import metric_row, normalize_answer
@@ -172,14 +172,10 @@ def vqa_soft_accuracy(answer: str, human_answers: Sequence[str]) -> float:
 
 
 def _iou(a: Sequence[float] | None, b: Sequence[float] | None) -> float:
-    """IoU of two xyxy boxes (any common unit); 0 when either is missing."""
+    """IoU of two xyxy boxes (any common unit, ``toolkit.boxes.box_iou``); 0 when either is missing."""
     if a is None or b is None:
         return 0.0
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(iw, 0.0) * max(ih, 0.0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
+    return float(box_iou(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)))
 
 
 def _centre_inside(pred: Sequence[float] | None, target: Sequence[float]) -> bool:

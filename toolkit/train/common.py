@@ -1,6 +1,7 @@
 """Pieces every training loop shares: device choice, schedules, seeding, atomic train-state files, loss curves."""
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -9,6 +10,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from toolkit.checkpoints import save_safetensors
+from toolkit.train import distributed
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -67,8 +71,6 @@ def fit_minibatches(params: list[torch.nn.Parameter], batch_loss: Callable[[torc
     draw from it too), so the epoch's order is saved with it rather than redrawn."""
     from tqdm.auto import tqdm
 
-    from toolkit.train import distributed
-
     if state_path is not None and not modules:
         raise ValueError("resuming needs the modules whose state to save: pass `modules`")
     d = distributed.current()
@@ -123,11 +125,6 @@ def fit_minibatches(params: list[torch.nn.Parameter], batch_loss: Callable[[torc
 
 def save_backbone(backbone: torch.nn.Module, out_path: Path, record: dict) -> dict:
     """A trained backbone's weights (safetensors) and its JSON record beside them, written by rank 0 alone."""
-    import json
-
-    from toolkit.checkpoints import save_safetensors
-    from toolkit.train import distributed
-
     if distributed.current().main:
         save_safetensors(backbone.state_dict(), out_path)
         out_path.with_suffix(".json").write_text(json.dumps(record, indent=2))

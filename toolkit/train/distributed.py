@@ -59,6 +59,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_first(fn):
+    """``fn()`` on rank 0, then, once it is done, on the other ranks (which then find its files on disk)."""
+    d = current()
+    out = fn() if d.main else None
+    barrier()
+    return out if d.main else fn()
+
+
 def all_sum(x: float) -> float:
     """Sum of ``x`` over the ranks (``x`` itself in one process)."""
     if not (dist.is_available() and dist.is_initialized()):
