@@ -80,6 +80,26 @@ def _cmd_figures(a: argparse.Namespace) -> None:
     print("\n".join(str(p) for p in written))
 
 
+def _cmd_analyze(a: argparse.Namespace) -> None:
+    import torch
+
+    from toolkit.interpret import analyze_split
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        if a.images and not a.expressions:
+            raise ValueError("--images goes with --expressions (the file naming the images)")
+        res = analyze_split(a.run, a.split, [m.strip() for m in a.maps.split(",") if m.strip()] if a.maps else None,
+                            a.limit, a.images, a.expressions, a.out, a.cache, a.device, a.max_new_tokens)
+    except (FileNotFoundError, ValueError) as e:  # bad input (HarnessError is a ValueError): one line, status 2
+        print(f"vlmtk analyze: error: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print((res.out_dir / "summary.md").read_text())
+    print(f"Per sample: {res.out_dir}/<backbone>/samples.jsonl and maps/<id>.npz   Summary: "
+          f"{res.out_dir / 'summary.csv'}  {res.out_dir / 'summary.md'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a hub
     p = argparse.ArgumentParser(prog="vlmtk", description=__doc__)
@@ -113,6 +133,23 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--formats", default="html,png,pdf,svg", help="comma-separated (default: %(default)s)")
     f.add_argument("--no-examples", action="store_true", help="skip the side-by-side examples (they rerun the VLMs)")
     f.set_defaults(fn=_cmd_figures)
+    an = sub.add_parser("analyze", help="every explanation map of every VLM of a run over a split (or your own data), "
+                                        "scored against the ground-truth box: samples.jsonl, maps, summary.md/csv")
+    an.add_argument("--run", required=True, help="the run directory")
+    an.add_argument("--split", default="val", help="split of the run's scene world (default: %(default)s)")
+    an.add_argument("--maps", default=None, help="comma-separated map types (default: every registered one)")
+    an.add_argument("--limit", type=int, default=None, help="the first N samples")
+    an.add_argument("--expressions", metavar="JSONL",
+                    help='your own data instead: {"image": ..., "expression": ..., "box": [x1, y1, x2, y2]?} per line')
+    an.add_argument("--images", metavar="DIR", help="folder the expressions' images are relative to "
+                                                    "(default: the JSONL's folder)")
+    an.add_argument("--out", default=None, help="output folder (default: <run>/analysis/<split>, or "
+                                                 "<run>/analysis/<JSONL stem> for --expressions); rerun to resume")
+    an.add_argument("--cache", default="data_cache", help="where a world the run's config names is made if missing")
+    an.add_argument("--max-new-tokens", type=int, default=24)
+    an.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    an.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    an.set_defaults(fn=_cmd_analyze)
     from toolkit.eval.harness import add_eval_arguments, eval_command
 
     e = sub.add_parser("eval", help="score a VLM on RefCOCO/+/g and VQAv2 files in their real layouts, or on your "

@@ -77,6 +77,15 @@ class Geometry:
         x1, y1, x2, y2 = box_norm_orig
         return self.original_to_norm_input((x1 * self.orig_w, y1 * self.orig_h, x2 * self.orig_w, y2 * self.orig_h))
 
+    def cell_edges(self, grid: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Edges of a ``grid = (h, w)`` laid over the input frame, in original pixels clipped to the image:
+        ``xs (w + 1,)``, ``ys (h + 1,)``. Cell (r, c) covers ``[xs[c], xs[c+1]] x [ys[r], ys[r+1]]``; a cell in the
+        padding has zero width or height (the clipping ``box_to_original`` applies, coordinate by coordinate)."""
+        h, w = grid
+        xs = np.clip((np.linspace(0.0, self.in_w, w + 1) - self.ox) / self.sx, 0.0, self.orig_w)
+        ys = np.clip((np.linspace(0.0, self.in_h, h + 1) - self.oy) / self.sy, 0.0, self.orig_h)
+        return xs, ys
+
 
 def mean_fill(mean: Sequence[float]) -> tuple[int, int, int]:
     return tuple(int(round(255 * m)) for m in mean)  # type: ignore[return-value]

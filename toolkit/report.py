@@ -177,6 +177,7 @@ def write_all_figures(run_dir: str | Path, formats: Sequence[str] = ("html", "pn
     ``figures/tables.md`` and ``figures/tables.tex``."""
     from toolkit.config import ExperimentConfig
     from toolkit.data import load_refcoco
+    from toolkit.runs import run_world
 
     run_dir = Path(run_dir)
     if not (run_dir / "results.csv").is_file():
@@ -188,9 +189,8 @@ def write_all_figures(run_dir: str | Path, formats: Sequence[str] = ("html", "pn
     (out / "tables.md").write_text("\n\n".join(f"## {t}\n\n{tab.to_markdown()}" for t, tab in tables.items()) + "\n")
     (out / "tables.tex").write_text("\n".join(latex_table(t, tab) for t, tab in tables.items()))
     written += [out / "tables.md", out / "tables.tex"]
-    caches = sorted((run_dir / "vlms").glob("*/eval_val_*.json"))
-    if examples and caches:  # the world the run was scored on, as its evaluation cache names it
-        world = (caches[0].parent / json.loads(caches[0].read_text())["world_root"]).resolve()
+    world = run_world(run_dir)
+    if examples and world is not None:
         cfg = ExperimentConfig.load(run_dir / "config.json")
         refs = [r for s in ("refcoco", "refcoco+", "refcocog")
                 for r in load_refcoco(world, s, "val")[: cfg.eval.max_per_style]]

@@ -90,6 +90,16 @@ def example_images(run_dir: str | Path, limit: int = 8) -> list[Example]:
     return list(out.values())
 
 
+def run_world(run_dir: str | Path) -> Path | None:
+    """The scene world a run was scored on, as its evaluation caches name it (relative to the VLM's directory);
+    None before any evaluation."""
+    for f in sorted(Path(run_dir).glob("vlms/*/eval_val_*.json")):
+        record = json.loads(f.read_text())
+        if "world_root" in record:
+            return (f.parent / record["world_root"]).resolve()
+    return None
+
+
 def photo_examples() -> list[Example]:
     """A real photo (scikit-image's astronaut) written once to the temp dir; [] without scikit-image."""
     from PIL import Image

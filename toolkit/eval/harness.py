@@ -328,7 +328,8 @@ def _vqa_task(questions: Path, annotations: Path | None, images: Path | None, pa
     return _Task(VQA_TASK, "vqa", items, ["all"])
 
 
-def load_expressions(jsonl_path: str | Path, images_dir: str | Path | None = None) -> list[dict]:
+def load_expressions(jsonl_path: str | Path, images_dir: str | Path | None = None,
+                     errors: list[str] | None = None) -> list[dict]:
     """Read your own grounding data: one JSON object per line, ``{"image": "rel/path.png", "expression": "...",
     "box": [x1, y1, x2, y2] (optional, pixels of the image), "id": ... (optional)}``; blank lines are skipped.
 
@@ -336,10 +337,9 @@ def load_expressions(jsonl_path: str | Path, images_dir: str | Path | None = Non
     ``id`` (the given one, else ``line<N>``), ``line`` (1-based), ``image`` (Path), ``expression`` (whitespace
     collapsed) and ``box`` (tuple of 4 floats or None). Raises :class:`HarnessError` naming ``file:line`` for a
     malformed line (bad JSON, a missing/empty field, a box that is not 4 finite numbers with x2 > x1, y2 > y1,
-    a repeated id).
+    a repeated id); with an ``errors`` list, that message is appended to it and the line skipped instead. A file
+    without a single good line raises either way.
     """
-    from toolkit.vlm import validate_expression
-
     path = Path(jsonl_path)
     _check_file(path, "expressions file")
     base = Path(images_dir) if images_dir is not None else path.parent
@@ -348,37 +348,52 @@ def load_expressions(jsonl_path: str | Path, images_dir: str | Path | None = Non
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise HarnessError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise HarnessError(f"{where}: should be a JSON object, got {type(obj).__name__}")
-            image = obj.get("image")
-            if not isinstance(image, str) or not image.strip():
-                raise HarnessError(f"{where}: needs `image`, a path relative to {base}")
-            try:
-                expression = validate_expression(obj.get("expression"))
-            except ValueError as e:
-                raise HarnessError(f"{where}: `expression`: {e}") from None
-            box = obj.get("box")
-            if box is not None:
-                ok = (isinstance(box, list) and len(box) == 4
-                      and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
-                      and box[2] > box[0] and box[3] > box[1])
-                if not ok:
-                    raise HarnessError(f"{where}: `box` should be [x1, y1, x2, y2] in pixels with x2 > x1 and "
-                                       f"y2 > y1, got {box!r}")
-                box = tuple(float(v) for v in box)
-            sid = str(obj["id"]) if obj.get("id") is not None else f"line{n}"
-            if sid in seen:
-                raise HarnessError(f"{where}: id `{sid}` repeats an earlier line's")
-            seen.add(sid)
-            out.append(dict(id=sid, line=n, image=base / image, expression=expression, box=box))
+                e = _expression_line(line, f"{path}:{n}", base)
+                if e["id"] is None:
+                    e["id"] = f"line{n}"
+                if e["id"] in seen:
+                    raise HarnessError(f"{path}:{n}: id `{e['id']}` repeats an earlier line's")
+            except HarnessError as err:
+                if errors is None:
+                    raise
+                errors.append(str(err))
+                continue
+            seen.add(e["id"])
+            out.append(dict(e, line=n))
     if not out:
-        raise HarnessError(f"{path}: holds no expressions")
+        raise HarnessError(f"{path}: holds no expressions" + (f" ({len(errors)} malformed lines)" if errors else ""))
     return out
+
+
+def _expression_line(line: str, where: str, base: Path) -> dict:
+    """One line of an expressions file -> ``id`` (None when not given), ``image``, ``expression``, ``box``."""
+    from toolkit.vlm import validate_expression
+
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise HarnessError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict):
+        raise HarnessError(f"{where}: should be a JSON object, got {type(obj).__name__}")
+    image = obj.get("image")
+    if not isinstance(image, str) or not image.strip():
+        raise HarnessError(f"{where}: needs `image`, a path relative to {base}")
+    try:
+        expression = validate_expression(obj.get("expression"))
+    except ValueError as e:
+        raise HarnessError(f"{where}: `expression`: {e}") from None
+    box = obj.get("box")
+    if box is not None:
+        ok = (isinstance(box, list) and len(box) == 4
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+              and box[2] > box[0] and box[3] > box[1])
+        if not ok:
+            raise HarnessError(f"{where}: `box` should be [x1, y1, x2, y2] in pixels with x2 > x1 and "
+                               f"y2 > y1, got {box!r}")
+        box = tuple(float(v) for v in box)
+    return dict(id=str(obj["id"]) if obj.get("id") is not None else None, image=base / image, expression=expression,
+                box=box)
 
 
 def _expressions_task(jsonl: Path, images_dir: Path | None, limit: int | None) -> _Task:

@@ -1,11 +1,11 @@
 """One call per (model, image, expression): the grounding answer and every map that explains it.
 
-``analyze`` runs the backbone once, with hooks that record attention probabilities and scan inputs, then asks
-the LM for the box and computes similarity, LM attention, backbone attention and scan-path maps from that one
-pass. Everything uses the feature contract (``grid``, ``attention_modules``, ``scan_modules``), never a family
-name, so a family without attention or scans simply has empty dicts. Input checks live in
+``analyze`` builds one ``MapContext`` (the backbone run once, with hooks that record attention probabilities and
+scan inputs, then the LM's box) and computes similarity, LM attention, backbone attention and scan-path maps from
+that one pass. Everything uses the feature contract (``grid``, ``attention_modules``, ``scan_modules``), never a
+family name, so a family without attention or scans simply has empty dicts. Input checks live in
 ``toolkit.interpret.inputs``, attributions in ``toolkit.interpret.attribution``, a run's examples in
-``toolkit.runs``.
+``toolkit.runs``; the same maps, one at a time and with their options, in ``toolkit.interpret.maps``.
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from toolkit.boxes import GROUNDING_PROMPT, box_iou
 from toolkit.geometry import Geometry
-from toolkit.interpret.attention import LMAttention, capture_attention, lm_image_attention, place_on_grid
+from toolkit.interpret.attention import LMAttention, lm_image_attention, skip_summary
 from toolkit.interpret.attribution import pixel_saliency
+from toolkit.interpret.context import build_context
 from toolkit.interpret.inputs import format_pixel_box, load_image
-from toolkit.interpret.scan_paths import ScanPath, capture_scan_inputs, cell_of, scan_paths_from_inputs
+from toolkit.interpret.scan_paths import ScanPath, scan_paths_from_inputs
 from toolkit.interpret.similarity import Similarity, text_image_similarity
 from toolkit.vlm import VLM, Grounding, validate_expression
 
@@ -58,11 +58,7 @@ class Analysis:
             return None
         if not self.skipped:
             return "the backbone has no attention or scan modules"
-        counts: dict[str, int] = {}
-        for why in self.skipped.values():
-            head = why.split(":")[0]  # the kind of reason, without the per-module numbers
-            counts[head] = counts.get(head, 0) + 1
-        return "; ".join(f"{why} ({n} module{'s' if n > 1 else ''})" for why, n in counts.items())
+        return skip_summary(self.skipped)
 
     def backbone_map(self) -> tuple[str, torch.Tensor] | None:
         """The backbone's own view from the query patch: the tap block's merged scan path, else the attention
@@ -91,42 +87,17 @@ def analyze(vlm: VLM, image, expression: str, *, gt_box: Sequence[float] | None 
     if gt_box is not None and (gt_box[2] > image.width or gt_box[3] > image.height):
         raise ValueError(f"the ground-truth box {format_pixel_box(gt_box)} leaves the {image.width}x{image.height} "
                          f"image: give it in the uploaded image's pixels")
-    pixels, geom = vlm.preprocess(image)
-    grid = vlm.backbone.grid(tuple(pixels.shape[-2:]))
-    with capture_attention(vlm.backbone) as att, capture_scan_inputs(vlm.backbone) as scan_inputs:
-        tokens = vlm.encode_images(pixels[None])  # (1, N, C_vis); one pass feeds every map below
-    prompt = GROUNDING_PROMPT.format(expression=expression)
-    (answer,) = vlm.generate(tokens, [prompt], max_new_tokens)
-    g = vlm.read_box(answer, geom)
-    point = _query_point(query, grid, g, geom)
-    cell = cell_of(point, grid)
-    bb_att = place_on_grid(att, grid)
-    scans, scan_skipped = scan_paths_from_inputs(vlm.backbone, scan_inputs, point)
-    iou = None
-    if gt_box is not None:
-        iou = float(box_iou(torch.tensor(g.box_pixels), torch.tensor(gt_box, dtype=torch.float32))) if g.valid else 0.0
+    ctx = build_context(vlm, image, expression, query=query, max_new_tokens=max_new_tokens)
+    scans, scan_skipped = scan_paths_from_inputs(vlm.backbone, ctx.scan_inputs, ctx.point)
     return Analysis(
-        image=image, expression=expression, grounding=g, iou=iou, gt_box=None if gt_box is None else tuple(gt_box),
-        grid=grid, geometry=geom, query=cell,
-        similarity=text_image_similarity(vlm, tokens, expression, grid, contextual=contextual),
-        lm_attention=lm_image_attention(vlm, tokens, prompt, answer, grid),
-        attention=bb_att.query_maps(cell), scan_paths=scans, skipped={**bb_att.skipped, **scan_skipped},
-        saliency=pixel_saliency(vlm, pixels, prompt, answer) if saliency else None,
+        image=image, expression=expression, grounding=ctx.grounding, iou=None if gt_box is None else ctx.iou(gt_box),
+        gt_box=None if gt_box is None else tuple(gt_box), grid=ctx.grid, geometry=ctx.geometry, query=ctx.query,
+        similarity=text_image_similarity(vlm, ctx.tokens, expression, ctx.grid, contextual=contextual),
+        lm_attention=lm_image_attention(vlm, ctx.tokens, ctx.prompt, ctx.answer, ctx.grid),
+        attention=ctx.attention.query_maps(ctx.query), scan_paths=scans,
+        skipped={**ctx.attention.skipped, **scan_skipped},
+        saliency=pixel_saliency(vlm, ctx.pixels, ctx.prompt, ctx.answer) if saliency else None,
     )
-
-
-def _query_point(query, grid, g: Grounding, geom: Geometry) -> tuple[float, float]:
-    """The query as (y, x) in [0, 1] of the input frame, so that grids of other resolutions can place it."""
-    h, w = grid
-    if query is not None:
-        r, c = query
-        if not (0 <= r < h and 0 <= c < w):
-            raise ValueError(f"query {query} is outside the {h}x{w} token grid")
-        return ((r + 0.5) / h, (c + 0.5) / w)
-    if g.valid:
-        x1, y1, x2, y2 = geom.box_to_input(g.box_pixels)
-        return ((y1 + y2) / 2 / geom.in_h, (x1 + x2) / 2 / geom.in_w)
-    return (0.5, 0.5)
 
 
 def compare(vlms: dict[str, VLM], image, expression: str, gt_box: Sequence[float] | None = None,

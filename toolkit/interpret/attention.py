@@ -27,20 +27,10 @@ class BackboneAttention:
     skipped: dict[str, str] = field(default_factory=dict)  # module name -> why it has no map
 
     def rollout(self) -> torch.Tensor | None:
-        """Attention rollout (Abnar & Zuidema 2020): ``prod_l (A_l + I) / 2``, rows renormalised; (N, N) or None.
-
-        Row i says how much each input patch flows into patch i's token through the captured layers (the global
-        ones only, where a family mixes windowed and global attention).
-        """
-        if not self.layers:
-            return None
-        n = next(iter(self.layers.values())).shape[0]
-        eye = torch.eye(n)
-        out = eye
-        for a in self.layers.values():
-            a = (a + eye) / 2
-            out = (a / a.sum(-1, keepdim=True)) @ out
-        return out
+        """``rollout`` of the captured layers: (N, N) or None. Row i says how much each input patch flows into
+        patch i's token through the captured layers (the global ones only, where a family mixes windowed and global
+        attention)."""
+        return rollout(list(self.layers.values())) if self.layers else None
 
     def query_maps(self, query: tuple[int, int], rollout: bool = True) -> dict[str, torch.Tensor]:
         """Attention of the ``(row, col)`` patch over the grid, per module (and rolled out): name -> (h, w)."""
@@ -51,6 +41,26 @@ class BackboneAttention:
         if r is not None:
             maps["rollout"] = r[i].reshape(h, w)
         return maps
+
+
+def rollout(layers: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020) of per-layer ``(n, n)`` attention, first layer first:
+    ``prod_l (A_l + I) / 2``, rows renormalised -> ``(n, n)``."""
+    eye = torch.eye(layers[0].shape[0], device=layers[0].device)
+    out = eye
+    for a in layers:
+        a = (a + eye) / 2
+        out = (a / a.sum(-1, keepdim=True)) @ out
+    return out
+
+
+def skip_summary(skipped: dict[str, str]) -> str:
+    """The distinct reasons modules were skipped, each with its module count, in one line."""
+    counts: dict[str, int] = {}
+    for why in skipped.values():
+        head = why.split(":")[0]  # the kind of reason, without the per-module numbers
+        counts[head] = counts.get(head, 0) + 1
+    return "; ".join(f"{why} ({n} module{'s' if n > 1 else ''})" for why, n in counts.items())
 
 
 @contextmanager
@@ -133,6 +143,19 @@ def eager_attention(lm) -> Iterator[None]:
         lm.set_attn_implementation(old)
 
 
+def _lm_attention(vlm, visual_tokens: torch.Tensor, prompt: str, answer: str, source: str):
+    """One eager LM pass over prompt + ``answer`` + EOS: per-layer attention ``(1, H, T, T)``, the rows that
+    ``source`` reads, and the image positions ``(T,)`` bool."""
+    if source not in ("answer", "prompt"):
+        raise ValueError(f"source must be 'answer' or 'prompt', got {source!r}")
+    batch = vlm.assemble(visual_tokens, [prompt], [answer])
+    with eager_attention(vlm.lm):
+        att = vlm.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                     output_attentions=True).attentions  # per layer (1, H, T, T)
+    rows = (batch.labels[0, 1:] != IGNORE_INDEX).nonzero()[:, 0]  # position t predicts token t + 1
+    return att, rows[:1] if source == "prompt" else rows, batch.image_mask[0]
+
+
 @torch.no_grad()
 def lm_image_attention(vlm, visual_tokens: torch.Tensor, prompt: str, answer: str, grid: tuple[int, int], *,
                        layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
@@ -143,16 +166,19 @@ def lm_image_attention(vlm, visual_tokens: torch.Tensor, prompt: str, answer: st
     the answer's tokens (the last prompt token through the last answer token), ``"prompt"`` takes the last prompt
     token alone (the one that chose the first answer token).
     """
-    if source not in ("answer", "prompt"):
-        raise ValueError(f"source must be 'answer' or 'prompt', got {source!r}")
-    batch = vlm.assemble(visual_tokens, [prompt], [answer])
-    with eager_attention(vlm.lm):
-        att = vlm.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                     output_attentions=True).attentions  # per layer (1, H, T, T)
-    rows = (batch.labels[0, 1:] != IGNORE_INDEX).nonzero()[:, 0]  # position t predicts token t + 1
-    rows = rows[:1] if source == "prompt" else rows
+    att, rows, img = _lm_attention(vlm, visual_tokens, prompt, answer, source)
     layers = tuple(range(len(att))) if layers is None else tuple(i % len(att) for i in layers)
     heads = tuple(range(att[0].shape[1])) if heads is None else tuple(heads)
-    img = batch.image_mask[0]
     maps = torch.stack([att[i][0][list(heads)][:, rows][:, :, img].float().mean(1) for i in layers])  # (L, H, N)
     return LMAttention(maps.reshape(len(layers), len(heads), *grid).cpu(), layers, heads, source)
+
+
+@torch.no_grad()
+def lm_attention_rollout(vlm, visual_tokens: torch.Tensor, prompt: str, answer: str, grid: tuple[int, int], *,
+                         source: str = "answer") -> torch.Tensor:
+    """``rollout`` over every LM layer (heads averaged) of the same pass as ``lm_image_attention``, read from the
+    same rows onto the image positions: ``(h, w)``, summing to at most 1. Unlike one layer's map it counts what
+    reaches the answer through earlier positions (the prompt's tokens read the image too)."""
+    att, rows, img = _lm_attention(vlm, visual_tokens, prompt, answer, source)
+    flow = rollout([a[0].float().mean(0) for a in att])  # (T, T)
+    return flow[rows][:, img].mean(0).reshape(grid).cpu()

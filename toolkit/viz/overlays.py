@@ -67,9 +67,8 @@ def heatmap_trace(m: torch.Tensor, geom: Geometry, *, side: int = 128, colorscal
 
 def cell_box(cell: tuple[int, int], grid: tuple[int, int], geom: Geometry) -> tuple[float, float, float, float]:
     """The original-pixel box of token ``cell = (row, col)`` of a ``grid`` laid over the input frame."""
-    (r, c), (h, w) = cell, grid
-    sx, sy = geom.in_w / w, geom.in_h / h
-    return geom.box_to_original((c * sx, r * sy, (c + 1) * sx, (r + 1) * sy))
+    (r, c), (xs, ys) = cell, geom.cell_edges(grid)
+    return (float(xs[c]), float(ys[r]), float(xs[c + 1]), float(ys[r + 1]))
 
 
 def box_shapes(pred_box=None, gt_box=None, query_box=None) -> list[dict]:

@@ -1,0 +1,237 @@
+"""The registry of explanation maps: every way of asking "where did the model look?" as one registered function.
+
+A map type is ``fn(ctx: MapContext, **options) -> (h, w)`` on the tap grid, registered with ``@register_map(name,
+Option(...), ..., available=...)``; ``compute_map`` checks the options against what is declared and the map type's
+``available`` check (None, or the reason it has no map for a model) before it runs. Adding a map type is one such
+function (here, or in any module imported before use); the batch command and the tests pick it up from
+``MAP_TYPES``.
+
+Signs: attention, scan paths (their magnitude) and saliency are non-negative by construction; integrated gradients
+keeps the signed per-token sum in ``toolkit.interpret.attribution`` and its map is the positive part; similarity is a
+signed cosine, kept as it is (a negative value means "unlike the word", not "important the other way"). The scores of
+``toolkit.interpret.scores`` count positive mass only, so negative cells weigh nothing anywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from toolkit.interpret.attention import lm_attention_rollout, lm_image_attention, skip_summary
+from toolkit.interpret.attribution import pixel_saliency, token_integrated_gradients
+from toolkit.interpret.context import Capture, MapContext, build_context, probe, query_point
+from toolkit.interpret.scan_paths import cell_of, scan_paths_from_inputs
+from toolkit.interpret.similarity import text_image_similarity
+from toolkit.vlm import VLM
+
+
+class MapUnavailable(ValueError):
+    """The map type has no map for this model (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """A map type's option. ``choices``: the allowed values; a type among them admits any value of that type (e.g.
+    ``("mean", int)``); a callable gives them for a model. ``compute_map`` checks against them."""
+
+    name: str
+    default: object
+    choices: tuple | Callable[[VLM], tuple]
+    help: str = ""
+
+    def allowed(self, vlm: VLM) -> tuple:
+        return self.choices(vlm) if callable(self.choices) else self.choices
+
+
+@dataclass(frozen=True)
+class MapType:
+    """A registered map type: its function, declared options and availability check."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    options: dict[str, Option]
+    check: Callable[[Capture], str | None]  # None: available; else why not
+
+    def available(self, vlm_or_ctx: VLM | Capture) -> str | None:
+        """None when the map exists for this model, else the reason. A VLM is probed with one backbone pass over a
+        blank image (what it captures does not depend on the image); a context answers from its own capture."""
+        return self.check(vlm_or_ctx if isinstance(vlm_or_ctx, Capture) else probe(vlm_or_ctx))
+
+
+MAP_TYPES: dict[str, MapType] = {}
+
+
+def register_map(name: str, *options: Option, available: Callable[[Capture], str | None] = lambda cap: None):
+    """Decorator: register ``fn(ctx, **options) -> (h, w)`` as map type ``name`` with its declared options."""
+    def wrap(fn):
+        if name in MAP_TYPES:
+            raise ValueError(f"map type `{name}` is already registered")
+        MAP_TYPES[name] = MapType(name, fn, {o.name: o for o in options}, available)
+        return fn
+    return wrap
+
+
+def map_type(name: str) -> MapType:
+    try:
+        return MAP_TYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown map type `{name}`; known: {', '.join(MAP_TYPES)}") from None
+
+
+def map_options(name: str, vlm: VLM) -> dict[str, Option]:
+    """The options of map type ``name`` with their choices resolved for ``vlm``."""
+    return {k: Option(o.name, o.default, o.allowed(vlm), o.help) for k, o in map_type(name).options.items()}
+
+
+def _admits(choices: tuple, value) -> bool:
+    for c in choices:
+        if isinstance(c, type):
+            if isinstance(value, c) and not (c is not bool and isinstance(value, bool)):
+                return True
+        elif type(value) is type(c) and value == c:  # so that 0 is not taken for False
+            return True
+    return False
+
+
+def compute_map(name: str, vlm_or_ctx: VLM | MapContext, image=None, expression: str | None = None,
+                **options) -> torch.Tensor:
+    """Map ``name`` as a float ``(h, w)`` tensor on the tap grid (CPU), for a context, or for a VLM with ``image``
+    and ``expression`` (a context is built for the one call). Options left out take their defaults; an unknown
+    option or a value outside its choices raises ValueError (before anything runs), a map the model does not have
+    ``MapUnavailable``."""
+    mt = map_type(name)
+    vlm = vlm_or_ctx.vlm if isinstance(vlm_or_ctx, MapContext) else vlm_or_ctx
+    unknown = set(options) - set(mt.options)
+    if unknown:
+        raise ValueError(f"map type `{name}` has no option {sorted(unknown)}; it has {sorted(mt.options) or 'none'}")
+    for key, value in options.items():
+        choices = mt.options[key].allowed(vlm)
+        if not _admits(choices, value):
+            shown = ", ".join(c.__name__ if isinstance(c, type) else repr(c) for c in choices)
+            raise ValueError(f"`{name}` option {key}={value!r} is not one of: {shown}")
+    ctx = vlm_or_ctx if isinstance(vlm_or_ctx, MapContext) else build_context(vlm, image, expression)
+    why = mt.check(ctx)
+    if why is not None:
+        raise MapUnavailable(f"`{name}` is not available for {ctx.vlm.cfg.backbone}: {why}")
+    kw = {k: o.default for k, o in mt.options.items()} | options
+    return mt.fn(ctx, **kw).detach().float().cpu()
+
+
+def _point(ctx: MapContext, query) -> tuple[float, float]:
+    """Where a backbone map looks from, as (y, x) in [0, 1] of the input frame: the context's point for
+    ``"box-centre"``, else the centre of cell (row, col) of the tap grid (placed on a scan block's own grid by
+    ``cell_of``)."""
+    return ctx.point if query == "box-centre" else query_point(tuple(query), ctx.grid, ctx.grounding, ctx.geometry)
+
+
+# -- the map types ----------------------------------------------------------------------------------------------
+
+@register_map("similarity",
+              Option("token", "mean", ("mean", int), "an expression token's index, or the mean over them"),
+              Option("contextual", False, (False, True), "LM last-layer states instead of input embeddings"))
+def _similarity(ctx: MapContext, token, contextual) -> torch.Tensor:
+    """Cosine similarity of the expression's tokens with the visual tokens in the LM's space (signed)."""
+    sim = text_image_similarity(ctx.vlm, ctx.tokens, ctx.expression, ctx.grid, contextual=contextual)
+    if token == "mean":
+        return sim.mean
+    if not -len(sim.tokens) <= token < len(sim.tokens):
+        raise ValueError(f"token {token} is outside the expression's {len(sim.tokens)} tokens {sim.tokens}")
+    return sim.maps[token]
+
+
+def _lm_layers(vlm: VLM) -> tuple:
+    return ("mean", "rollout", *range(vlm.lm.config.num_hidden_layers))
+
+
+def _lm_heads(vlm: VLM) -> tuple:
+    return ("mean", *range(vlm.lm.config.num_attention_heads))
+
+
+@register_map("lm_attention",
+              Option("layer", "mean", _lm_layers, "an LM layer, the mean over layers, or the rollout over them"),
+              Option("head", "mean", _lm_heads, "a head, or the mean over heads (rollout: the mean only)"),
+              Option("source", "answer", ("answer", "prompt"),
+                     "rows that predict the answer's tokens, or the last prompt token alone"))
+def _lm_attention(ctx: MapContext, layer, head, source) -> torch.Tensor:
+    """Attention of the LM from the answer onto the image tokens (one layer and head, their mean, or rollout)."""
+    if layer == "rollout":
+        if head != "mean":
+            raise ValueError("the LM attention rollout averages the heads: use head='mean'")
+        return lm_attention_rollout(ctx.vlm, ctx.tokens, ctx.prompt, ctx.answer, ctx.grid, source=source)
+    att = lm_image_attention(ctx.vlm, ctx.tokens, ctx.prompt, ctx.answer, ctx.grid, source=source,
+                             layers=None if layer == "mean" else [layer], heads=None if head == "mean" else [head])
+    return att.mean()
+
+
+def _attention_check(cap: Capture) -> str | None:
+    if cap.attention.layers:
+        return None
+    if not cap.attention.skipped:
+        return "the backbone has no attention modules"
+    return skip_summary(cap.attention.skipped)
+
+
+@register_map("backbone_attention",
+              Option("module", "rollout", lambda vlm: ("rollout", *(n for n, _ in vlm.backbone.attention_modules())),
+                     "a captured attention module, or the rollout over all captured ones"),
+              Option("query", "box-centre", ("box-centre", tuple), "(row, col) on the tap grid"),
+              available=_attention_check)
+def _backbone_attention(ctx: MapContext, module, query) -> torch.Tensor:
+    """Backbone self-attention from the query patch (heads averaged, prefix tokens dropped), as the model ran it."""
+    maps = ctx.attention.query_maps(cell_of(_point(ctx, query), ctx.grid), rollout=module == "rollout")
+    if module not in maps:
+        raise MapUnavailable(f"attention module {module} has no map on the grid: "
+                             f"{ctx.attention.skipped.get(module, 'not captured')}")
+    return maps[module]
+
+
+def _tap_scan(cap: Capture) -> str | None:
+    names = [n for n, _ in cap.vlm.backbone.scan_modules()]
+    return names[-1] if names else None
+
+
+def _scan_check(cap: Capture) -> str | None:
+    tap = _tap_scan(cap)
+    if tap is None:
+        return "the backbone has no scan modules"
+    _, skipped = scan_paths_from_inputs(cap.vlm.backbone, {tap: cap.scan_inputs[tap]}, (0.5, 0.5))
+    return skipped.get(tap)
+
+
+@register_map("scan_path",
+              Option("direction", "merged", ("merged", 0, 1, 2, 3), "one of the four scan directions, or their sum"),
+              Option("module", "tap", lambda vlm: ("tap", *(n for n, _ in vlm.backbone.scan_modules())),
+                     "a scan module, or the tap's (the last before the visual tokens)"),
+              Option("query", "box-centre", ("box-centre", tuple), "(row, col) on the tap grid"),
+              available=_scan_check)
+def _scan_path(ctx: MapContext, direction, module, query) -> torch.Tensor:
+    """Magnitude of an SS2D block's implicit attention from the query patch, resampled onto the tap grid."""
+    module = _tap_scan(ctx) if module == "tap" else module
+    paths, skipped = scan_paths_from_inputs(ctx.vlm.backbone, {module: ctx.scan_inputs[module]}, _point(ctx, query))
+    if module in skipped:
+        raise MapUnavailable(f"scan module {module}: {skipped[module]}")
+    path = paths[module]
+    m = (path.merged if direction == "merged" else path.per_direction[direction]).abs()  # (h_s, w_s)
+    # an earlier block scans a finer grid: average it onto the tap grid so that every map shares one grid
+    return m if path.grid == ctx.grid else F.adaptive_avg_pool2d(m[None, None], ctx.grid)[0, 0]
+
+
+@register_map("integrated_gradients",
+              Option("baseline", "zeros", ("zeros", "mean"), "all-zero visual tokens, or the image's mean token"),
+              Option("n_steps", 16, (int,), "interpolation steps (one LM batch)"))
+def _integrated_gradients(ctx: MapContext, baseline, n_steps) -> torch.Tensor:
+    """Integrated Gradients of the answer's log-probability over the visual tokens: positive part of the per-token
+    sum over channels."""
+    if n_steps < 1:
+        raise ValueError(f"n_steps must be at least 1, got {n_steps}")
+    ig = token_integrated_gradients(ctx.vlm, ctx.tokens, ctx.prompt, ctx.answer, baseline=baseline, n_steps=n_steps)
+    return ig.per_token.clamp(min=0).reshape(ctx.grid)
+
+
+@register_map("saliency")
+def _saliency(ctx: MapContext) -> torch.Tensor:
+    """|d logit / d pixel| of the answer's first token (pixel_saliency), averaged over each tap cell."""
+    return F.adaptive_avg_pool2d(pixel_saliency(ctx.vlm, ctx.pixels, ctx.prompt, ctx.answer)[None, None],
+                                 ctx.grid)[0, 0]
