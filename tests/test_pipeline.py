@@ -46,6 +46,10 @@ def test_report_has_one_row_per_backbone_task_metric(smoke_run):
     assert not df.duplicated(["backbone", "task", "split", "metric"]).any()
     assert set(df[df.task == "dense"].metric) == {"miou", "pixel_acc"}
     assert json.loads((run / "vlms" / "vit-test@mlp3x_gelu" / "config.json").read_text())["connector"] == "mlp3x_gelu"
+    for bb in cfg.backbones:  # grounding watched while training: monitor_points readings, the last at the end
+        curve = json.loads((run / "vlms" / bb / "train_record.json").read_text())["monitor_curve"]
+        assert len(curve) == cfg.train.monitor_points and curve[-1][0] == sum(s.steps for s in cfg.train.stages)
+        assert all(0 <= v["acc@0.5"] <= 1 for _, v in curve)
     report = (run / "results.md").read_text()
     for section in ("Grounding Acc@IoU>=0.5", "Image reliance", "Collapse diagnostics"):
         assert section in report

@@ -111,6 +111,9 @@ def test_training_curves_draw_a_line_per_backbone_and_skip_missing_curves():
     assert list(fig.data[2].x) == [1, 2] and list(fig.data[2].y) == [2.0, 1.5]
     assert [t.showlegend for t in fig.data] == [True, False, True]  # one legend entry per backbone
     assert fig.data[0].line.color == fig.data[1].line.color != fig.data[2].line.color
+    fig = training_curves({"vit-test": {"vlm": {"loss_curve": curve, "monitor_curve": [[2, {"acc@0.5": 0.25}],
+                                                                                      [3, {"acc@0.5": 0.5}]]}}})
+    assert [(t.xaxis, list(t.y)) for t in fig.data] == [("x2", [2.0, 1.5, 1.2]), ("x3", [0.25, 0.5])]
 
 
 def _score_rows():

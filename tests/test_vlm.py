@@ -85,6 +85,24 @@ def test_isolated_turns_train_as_single_turn_rows(tokenizer):
                               logits, atol=1e-3)
 
 
+def test_per_turn_loss_weighs_every_answer_alike(tokenizer):
+    """unit="turn": the mean over answers of each answer's own mean token loss (its single-turn row's loss)."""
+    vlm = _vlm(tokenizer).eval()
+    vis = torch.randn(2, 16, vlm.backbone.embed_dim)
+    convs = [[("the red square", "[0.10, 0.20, 0.30, 0.40]"), ("How many red objects?", "3")],
+             [("the small blue star", "[0.50, 0.50, 0.90, 1.00]")]]
+    with torch.no_grad():
+        singles = [vlm.turns_loss(vis[i:i + 1], [[turn]]) for i, conv in enumerate(convs) for turn in conv]
+        per_turn = vlm.turns_loss(vis, convs, isolate=True, unit="turn")
+        summed = vlm.turns_loss(vis, convs, isolate=True, unit="turn", reduction="sum")
+        per_token = vlm.turns_loss(vis, convs, isolate=True)
+    torch.testing.assert_close(per_turn, torch.stack(singles).mean(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(summed, torch.stack(singles).sum(), rtol=1e-4, atol=1e-5)
+    counts = torch.tensor(vlm.answer_token_counts(["[0.10, 0.20, 0.30, 0.40]", "3", "[0.50, 0.50, 0.90, 1.00]"]))
+    assert counts[1] < counts[0]  # a one-word answer has fewer tokens, so the two units differ
+    torch.testing.assert_close(per_token, (torch.stack(singles) * counts).sum() / counts.sum(), rtol=1e-4, atol=1e-5)
+
+
 def test_loss_backward_reaches_connector_not_backbone(tokenizer):
     vlm = _vlm(tokenizer)
     x = torch.randn(2, 3, 32, 32)
@@ -141,9 +159,19 @@ def test_training_resumes_to_the_same_weights(tokenizer, tmp_path, monkeypatch):
                   "grounding" if i % 2 else "vqa") for i in range(16)]
     feats = torch.randn(4, 16, 32)
     cfg = TrainConfig(stages=(StageConfig("align", 6, 1e-3, 4, False), StageConfig("finetune", 6, 1e-3, 4, True)),
-                      checkpoint_every=2)
+                      checkpoint_every=2, monitor_points=5)
+
+    def monitor(vlm):  # a reading of the weights, so a resumed run's readings can be compared with the straight run's
+        assert not vlm.training
+        return {"w": float(sum(p.sum() for p in vlm.connector.parameters()))}
+
     ref = _vlm(tokenizer)
-    ref_record = train_vlm(ref, feats, turns, cfg, tmp_path / "straight", torch.device("cpu"))
+    ref_record = train_vlm(ref, feats, turns, cfg, tmp_path / "straight", torch.device("cpu"), monitor=monitor)
+    assert [s for s, _ in ref_record["monitor_curve"]] == [2, 5, 7, 10, 12]  # evenly spaced over both stages
+    unwatched = _vlm(tokenizer)
+    train_vlm(unwatched, feats, turns, cfg, tmp_path / "unwatched", torch.device("cpu"))
+    for (k, a), b in zip(ref.trainable_state_dict().items(), unwatched.trainable_state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)  # watching does not change the training
 
     real_save, calls = vlm_trainer.save_train_state, {"n": 0}
 
@@ -155,11 +183,14 @@ def test_training_resumes_to_the_same_weights(tokenizer, tmp_path, monkeypatch):
 
     monkeypatch.setattr(vlm_trainer, "save_train_state", crash_after_third_save)
     with pytest.raises(KeyboardInterrupt):
-        train_vlm(_vlm(tokenizer), feats, turns, cfg, tmp_path / "resumed", torch.device("cpu"))
+        train_vlm(_vlm(tokenizer), feats, turns, cfg, tmp_path / "resumed", torch.device("cpu"), monitor=monitor)
     assert (tmp_path / "resumed" / "train_state.pt").is_file()
     monkeypatch.setattr(vlm_trainer, "save_train_state", real_save)
     resumed = _vlm(tokenizer)
-    record = train_vlm(resumed, feats, turns, cfg, tmp_path / "resumed", torch.device("cpu"))
+    record = train_vlm(resumed, feats, turns, cfg, tmp_path / "resumed", torch.device("cpu"), monitor=monitor)
+    assert [s for s, _ in record["monitor_curve"]] == [2, 5, 7, 10, 12]  # the readings before the crash come back
+    assert [v["w"] for _, v in record["monitor_curve"]] == pytest.approx(
+        [v["w"] for _, v in ref_record["monitor_curve"]], abs=1e-3)
     assert not (tmp_path / "resumed" / "train_state.pt").exists()
     assert [s for s, _ in record["loss_curve"]] == list(range(1, 13))  # the losses before the crash come back too
     assert [v for _, v in record["loss_curve"]] == pytest.approx([v for _, v in ref_record["loss_curve"]], abs=1e-3)

@@ -81,11 +81,18 @@ class TrainConfig:
     # and grad_accum micro-batches; "bf16" autocasts the forward; LoRA (peft) of rank lora_r replaces full
     # fine-tuning of the LM when > 0 (merged into the LM when the VLM is saved).
     grad_accum: int = 1
+    # What the loss averages over: "token" (every answer token alike, as LLaVA/Prismatic train) or "turn" (each
+    # answer's mean token loss, every turn alike: a one-word VQA answer then weighs as much as a box).
+    loss_unit: str = "token"
     strategy: str = "ddp"  # "ddp" | "fsdp", used when launched by torchrun with more than one process
     precision: str = "fp32"  # "fp32" | "bf16"
     activation_checkpointing: bool = False
     lora_r: int = 0
     checkpoint_every: int = 100
+    # Grounding Acc@0.5 on monitor_expressions validation expressions per style, at monitor_points evenly spaced
+    # steps of VLM training (the last included): the training curves' accuracy panel. 0 points: off.
+    monitor_points: int = 5
+    monitor_expressions: int = 32
     seed: int = 0
 
 
@@ -153,7 +160,7 @@ def _preset_smoke() -> ExperimentConfig:
         dense=DenseConfig(epochs=1, batch_size=32, warmup_steps=2),
         train=TrainConfig(lm_pretrain_steps=20, stages=(StageConfig("align", 10, 1e-3, 16, False),
                                                         StageConfig("finetune", 20, 1e-3, 16, True)),
-                          checkpoint_every=10),
+                          checkpoint_every=10, monitor_expressions=8),
         eval=EvalConfig(max_per_style=20, max_vqa=20, max_reliance=64, batch_size=32, max_new_tokens=20),
         figure_examples=2,
     )
@@ -297,7 +304,8 @@ def validate(cfg: ExperimentConfig) -> None:
                          f"{t.turns_per_image}, {t.lora_r}")
     from toolkit.train.distributed import STRATEGIES
 
-    for field_, value, allowed in (("strategy", t.strategy, STRATEGIES), ("precision", t.precision, ("fp32", "bf16"))):
+    for field_, value, allowed in (("strategy", t.strategy, STRATEGIES), ("precision", t.precision, ("fp32", "bf16")),
+                                   ("loss_unit", t.loss_unit, ("token", "turn"))):
         if value not in allowed:
             raise ValueError(f"train.{field_}={value!r}; choose one of {allowed}")
     if t.lora_r and t.strategy == "fsdp":

@@ -17,7 +17,7 @@ import torch
 
 from toolkit.config import ExperimentConfig, split_spec, split_vlm_spec, validate
 from toolkit.connector import connector_depth
-from toolkit.eval.evaluate import (evaluate_grounding, evaluate_vqa, grounding_baselines, summarize,
+from toolkit.eval.evaluate import (evaluate_grounding, evaluate_vqa, grounding_baselines, grounding_monitor, summarize,
                                    vqa_baselines)
 from toolkit.eval.metrics import metric_row
 from toolkit.eval.reliance import image_reliance
@@ -168,7 +168,11 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         distributed.barrier()  # the others read the LM rank 0 warmed up
         lm_cfg = replace(cfg.lm, name_or_path=str(lm_dir))
 
-    # 3. one VLM per spec (backbone spec and connector)
+    # 3. one VLM per spec (backbone spec and connector), watched on a few validation expressions while it trains
+    monitor = None
+    if cfg.train.monitor_points > 0 and d.main:
+        monitor = grounding_monitor([r for s in STYLES for r in load_refcoco(world.root, s, "val")
+                                     [: cfg.train.monitor_expressions]], cfg.eval.batch_size, cfg.eval.max_new_tokens)
     for name, (weights, conn) in vlm_specs.items():
         out = run_dir / "vlms" / name
         if (out / "config.json").is_file():
@@ -177,7 +181,7 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
                          backbone_weights=weights_of(weights))
         vlm = VLM.build(vcfg).to(device)
         feats = visual_tokens(vlm, train_images, desc=f"encode {name}")
-        rec = train_vlm(vlm, feats, turns, cfg.train, out, device)
+        rec = train_vlm(vlm, feats, turns, cfg.train, out, device, monitor=monitor)
         if not d.main:
             continue
         (out / "train_record.json").write_text(json.dumps(rec, indent=2))

@@ -188,16 +188,27 @@ class VLM(nn.Module):
         return self.turns_loss(visual_tokens, [[(p, a)] for p, a in zip(prompts, answers)])
 
     def turns_loss(self, visual_tokens: torch.Tensor, conversations: Sequence[Sequence[tuple[str, str]]],
-                   isolate: bool = False, reduction: str = "mean") -> torch.Tensor:
+                   isolate: bool = False, reduction: str = "mean", unit: str = "token") -> torch.Tensor:
         """Next-token loss on every answer of ``conversations[b]``, the turns about image b (see ``assemble_turns``),
-        averaged over the answer tokens (``reduction="sum"``: summed, for losses split over micro-batches)."""
+        averaged over the answer tokens (``unit="turn"``: each answer's mean token loss, averaged over the answers;
+        ``reduction="sum"``: summed instead of averaged, for losses split over micro-batches)."""
         b = self.assemble_turns(visual_tokens, conversations, isolate=isolate)
-        return F.cross_entropy(*answer_logits(self.lm, b.inputs_embeds, b.attention_mask, b.labels, b.position_ids),
-                               reduction=reduction)
+        logits, targets = answer_logits(self.lm, b.inputs_embeds, b.attention_mask, b.labels, b.position_ids)
+        if unit == "token":
+            return F.cross_entropy(logits, targets, reduction=reduction)
+        # the supervised tokens come in row order, each row's answers in turn order
+        counts = torch.tensor(self.answer_token_counts([a for conv in conversations for _, a in conv]),
+                              device=logits.device)
+        weights = (1.0 / counts).repeat_interleave(counts)  # (K,): each answer's tokens sum to 1
+        loss = (F.cross_entropy(logits, targets, reduction="none") * weights).sum()
+        return loss if reduction == "sum" else loss / len(counts)
+
+    def answer_token_counts(self, answers: Sequence[str]) -> list[int]:
+        """Supervised tokens of each answer as ``assemble_turns`` writes them (its tokens and its EOS)."""
+        return [len(ids) + 1 for ids in self.tokenizer(list(answers), add_special_tokens=False).input_ids]
 
     def answer_token_count(self, answers: Sequence[str]) -> int:
-        """Supervised tokens of ``answers`` as ``assemble_turns`` writes them (each answer's tokens and its EOS)."""
-        return sum(len(ids) + 1 for ids in self.tokenizer(list(answers), add_special_tokens=False).input_ids)
+        return sum(self.answer_token_counts(answers))
 
     @torch.no_grad()
     def generate(self, visual_tokens: torch.Tensor, prompts: Sequence[str], max_new_tokens: int = 24) -> list[str]:

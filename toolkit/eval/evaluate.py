@@ -47,6 +47,14 @@ def evaluate_grounding(vlm: VLM, records: Sequence, batch_size: int = 64, max_ne
     return rows
 
 
+def grounding_monitor(records: Sequence, batch_size: int = 64, max_new_tokens: int = 20):
+    """A ``train_vlm`` monitor: ``vlm -> {"acc@0.5": share of records grounded at IoU >= 0.5}``."""
+    def monitor(vlm: VLM) -> dict[str, float]:
+        rows = evaluate_grounding(vlm, records, batch_size, max_new_tokens, desc="monitor grounding")
+        return {"acc@0.5": sum(r["correct"] for r in rows) / max(1, len(rows))}
+    return monitor
+
+
 @torch.no_grad()
 def evaluate_vqa(vlm: VLM, records: Sequence, prompt_format: str, batch_size: int = 64, max_new_tokens: int = 8,
                  desc: str = "vqa") -> list[dict]:

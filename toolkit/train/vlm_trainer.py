@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -110,13 +110,14 @@ class TurnsLoss(nn.Module):
     """The trained part of a VLM (connector + LM) as one module, the one DDP and FSDP wrap:
     ``(visual tokens (B, N, C_vis), conversations) -> summed answer-token loss``. The frozen backbone stays out."""
 
-    def __init__(self, vlm: VLM):
+    def __init__(self, vlm: VLM, unit: str = "token"):
         super().__init__()
         self.connector, self.lm = vlm.connector, vlm.lm
         self._vlm = (vlm,)  # a tuple, so the VLM (and its backbone) is not a submodule
+        self.unit = unit
 
     def forward(self, visual_tokens: torch.Tensor, conversations: Sequence[Sequence[tuple[str, str]]]) -> torch.Tensor:
-        return self._vlm[0].turns_loss(visual_tokens, conversations, isolate=True, reduction="sum")
+        return self._vlm[0].turns_loss(visual_tokens, conversations, isolate=True, reduction="sum", unit=self.unit)
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -142,23 +143,43 @@ def _micro_batches(batch: list, d: distributed.Dist, accum: int) -> list[list]:
     return [batch[(d.rank * accum + j) * k:(d.rank * accum + j + 1) * k] for j in range(accum)]
 
 
+Monitor = Callable[[VLM], dict[str, float]]
+
+
+def monitor_steps(cfg: TrainConfig, stages: Sequence[StageConfig]) -> set[int]:
+    """Global steps (counted over all stages) after which the monitor runs: ``cfg.monitor_points`` evenly spaced
+    ones, the last step included."""
+    total = sum(s.steps for s in stages)
+    n = min(cfg.monitor_points, total)
+    return {round(total * (i + 1) / n) for i in range(n)} if n > 0 else set()
+
+
 def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: TrainConfig, out_dir: Path,
-              device: torch.device, stages: Sequence[StageConfig] | None = None) -> dict:
+              device: torch.device, stages: Sequence[StageConfig] | None = None, monitor: Monitor | None = None) -> dict:
     """Run the configured stages; resume from ``out_dir/train_state.pt`` when present (on any number of
-    processes: see ``toolkit.train.distributed``). Returns a record; rank 0 writes the VLM."""
+    processes: see ``toolkit.train.distributed``). Returns a record; rank 0 writes the VLM.
+
+    ``monitor(vlm) -> {metric: value}`` (e.g. grounding accuracy on a few validation expressions) runs on rank 0 at
+    ``monitor_steps``; its results go into the record's ``monitor_curve`` ([[step, {metric: value}], ...]). It
+    needs the whole model on rank 0, so FSDP runs over several processes skip it."""
     stages = tuple(stages or cfg.stages)
     d = distributed.current()
     state_path = out_dir / "train_state.pt"
     state = load_train_state(state_path)
-    start_stage, start_step, losses = 0, 0, []
+    start_stage, start_step, losses, monitored = 0, 0, [], []
     if state is not None:
         start_stage, start_step, losses = state["stage"], state["step"], list(state["losses"])
+        monitored = list(state.get("monitored", []))
+    if cfg.strategy == "fsdp" and d.world > 1:
+        monitor = None
+    at_steps = monitor_steps(cfg, stages) if monitor is not None else set()
+    done_before = sum(s.steps for s in stages[:start_stage])
     vlm.to(device)
     if cfg.lora_r:
         _add_lora(vlm, cfg.lora_r)
     if cfg.activation_checkpointing:
         vlm.lm.gradient_checkpointing_enable()
-    core = TurnsLoss(vlm)
+    core = TurnsLoss(vlm, cfg.loss_unit)
     mix = training_mix(cfg)
     by_image = _group(turns, mix)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -183,7 +204,8 @@ def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: Trai
                    disable=not d.main)
         while step < st.steps:
             batch = _sample(by_image, st.batch_size, cfg.turns_per_image, mix, gen)
-            n_tokens = vlm.answer_token_count([t.answer for conv in batch for t in conv])
+            answers = [t.answer for conv in batch for t in conv]
+            n_tokens = vlm.answer_token_count(answers) if cfg.loss_unit == "token" else len(answers)
             mine = _micro_batches(batch, d, cfg.grad_accum)
 
             def backward() -> float:
@@ -193,7 +215,8 @@ def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: Trai
                         with autocast:
                             loss = model(features[[conv[0].image for conv in part]].to(device),
                                          [[(t.prompt, t.answer) for t in conv] for conv in part])
-                        # world / n_tokens: the ranks' averaged gradient is the whole batch's mean-loss gradient
+                        # world / n_tokens (tokens or turns, by loss_unit): the ranks' averaged gradient is the
+                        # whole batch's mean-loss gradient
                         (loss * (d.world / n_tokens)).backward()
                     total += loss.item()
                 return distributed.all_sum(total) / n_tokens
@@ -203,13 +226,23 @@ def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: Trai
             losses.append(loss)
             bar.update()
             bar.set_postfix(loss=f"{loss:.3f}")
+            if done_before + step in at_steps:
+                if d.main:
+                    vlm.eval()
+                    with torch.no_grad():
+                        monitored.append([done_before + step, monitor(vlm)])
+                    vlm.train()
+                    bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.2f}" for k, v in monitored[-1][1].items()})
+                distributed.barrier()
             if step % cfg.checkpoint_every == 0 and step < st.steps:
                 weights, optim = distributed.full_state(model, opt)
                 if d.main:
                     save_train_state(state_path, stage=si, step=step, losses=losses, trainable=weights,
-                                     optimizer=optim, scheduler=sched.state_dict(), rng=gen.get_state())
+                                     optimizer=optim, scheduler=sched.state_dict(), rng=gen.get_state(),
+                                     monitored=monitored)
                 distributed.barrier()
         bar.close()
+        done_before += st.steps
         state = None
     weights = distributed.full_weights(core) if cfg.strategy == "fsdp" and d.world > 1 else None
     if cfg.lora_r:
@@ -219,7 +252,7 @@ def train_vlm(vlm: VLM, features: torch.Tensor, turns: Sequence[Turn], cfg: Trai
         state_path.unlink(missing_ok=True)
     distributed.barrier()
     return dict(seconds=round(time.time() - t0, 1), steps=sum(s.steps for s in stages), final_loss=_tail_mean(losses),
-                loss_curve=loss_curve(losses), processes=d.world)
+                loss_curve=loss_curve(losses), monitor_curve=monitored, processes=d.world)
 
 
 def pretrain_lm_text(lm, tok, template: PromptTemplate, turns: Sequence[Turn], steps: int, batch_size: int, lr: float,

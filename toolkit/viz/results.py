@@ -6,7 +6,10 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-CURVE_PANELS = (("pretrain", "backbone pretraining (classification)"), ("vlm", "VLM training"))
+# (record, curve key, panel title, log y axis)
+CURVE_PANELS = (("pretrain", "loss_curve", "backbone pretraining loss (classification)", True),
+                ("vlm", "loss_curve", "VLM training loss", True),
+                ("vlm", "monitor_curve", "VLM grounding Acc@0.5 (val subset)", False))
 SCORE_PANELS = (("grounding", "acc@0.5", "grounding Acc@0.5 per style"),
                 ("vqa", "accuracy", "VQA accuracy per question type"))
 CHANCE_PATTERNS = ("/", "x", ".", "\\")
@@ -17,23 +20,30 @@ def _colour(i: int) -> str:
 
 
 def training_curves(records: dict[str, dict]) -> go.Figure:
-    """``records[backbone]`` holds the ``"pretrain"`` and/or ``"vlm"`` record of that backbone, each with a
-    ``loss_curve`` ([[step, loss], ...]); one line per backbone and panel, none where a curve is missing."""
-    fig = make_subplots(rows=1, cols=len(CURVE_PANELS), subplot_titles=[t for _, t in CURVE_PANELS])
+    """``records[backbone]`` holds the ``"pretrain"`` and/or ``"vlm"`` record of that backbone, with a
+    ``loss_curve`` ([[step, loss], ...]) and, for VLMs, a ``monitor_curve`` ([[step, {"acc@0.5": a}], ...]); one
+    line per backbone and panel, none where a curve is missing."""
+    fig = make_subplots(rows=1, cols=len(CURVE_PANELS), subplot_titles=[t for _, _, t, _ in CURVE_PANELS])
     for i, (name, recs) in enumerate(records.items()):
         in_legend = False
-        for col, (key, _) in enumerate(CURVE_PANELS, start=1):
-            curve = (recs.get(key) or {}).get("loss_curve")
+        for col, (rec, key, _, _) in enumerate(CURVE_PANELS, start=1):
+            curve = (recs.get(rec) or {}).get(key)
             if not curve:
                 continue
-            steps, losses = zip(*curve)
-            fig.add_trace(go.Scatter(x=steps, y=losses, mode="lines", name=name, legendgroup=name,
-                                     showlegend=not in_legend, line=dict(color=_colour(i))), row=1, col=col)
+            steps, values = zip(*curve)
+            if key == "monitor_curve":
+                values = [v.get("acc@0.5") for v in values]
+            fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers" if key == "monitor_curve" else "lines",
+                                     name=name, legendgroup=name, showlegend=not in_legend,
+                                     line=dict(color=_colour(i))), row=1, col=col)
             in_legend = True
     fig.update_xaxes(title_text="step")
-    fig.update_yaxes(type="log")  # the early drop would flatten the slow tail on a linear axis
+    for col, (_, _, _, log) in enumerate(CURVE_PANELS, start=1):
+        # a log axis keeps the slow tail of a loss visible after its early drop
+        fig.update_yaxes(type="log" if log else "linear", col=col)
     fig.update_yaxes(title_text="training loss (block mean)", col=1)
-    fig.update_layout(title="Training loss", width=1100, height=450)
+    fig.update_yaxes(range=[0, 1], col=len(CURVE_PANELS))
+    fig.update_layout(title="Training curves", width=1400, height=450)
     return fig
 
 
