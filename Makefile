@@ -32,8 +32,9 @@ test-fast: setup
 app: setup
 	$(BIN)/python -m app.app --run-dir $(RUN) --port $(PORT)
 
+# The notebook opens $(RUN) through TOOLKIT_RUN_DIR (absolute: its kernel runs in notebooks/).
 lab: setup
-	$(BIN)/jupyter lab notebooks/
+	TOOLKIT_RUN_DIR=$(abspath $(RUN)) $(BIN)/jupyter lab notebooks/
 
 bench: setup
 	$(BIN)/python benchmarks/bench_ss2d.py

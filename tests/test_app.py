@@ -1,23 +1,36 @@
-"""The Gradio app, started through its CLI in a subprocess on a free port and queried over HTTP (and a browser)."""
+"""The Gradio app, started through its CLI in a subprocess on a free port and queried over HTTP, by 20 clients at
+once, and in a browser: every tab, at 800 and 1440 px wide."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from conftest import CHROMIUM, RUN_BACKBONES, scene_image
+from PIL import Image
 
 from test_interpret import _bomb_png
+from test_viz import _score_rows
 
 pytest.importorskip("gradio", reason="the app needs the `app` extra")
 from gradio_client import Client, handle_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+RED_SQUARE = "[0.08, 0.25, 0.38, 0.54]"  # the red square of scene_image() in the letterboxed input frame
+# (image, expression, box) of the analysis output; maxvit-test answers "the red square" alone, the others always
+# point at the red square: IoU differences 1 ("the square"), then 0, failures and invalid answers among them
+SAMPLES = [("scene.png", "the red square", [4, 4, 18, 18]), ("scene.png", "the blue circle", [28, 10, 44, 26]),
+           ("wide.png", "the red square", [4, 4, 18, 18]), ("scene.png", "the square", [4, 4, 18, 18])]
 
 
 def _free_port() -> int:
@@ -26,11 +39,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _fixed_answers(vlm, tokens, prompts, *args, **kwargs):
+    if vlm.cfg.backbone == "maxvit-test":
+        return [RED_SQUARE if p.endswith(": the red square") else "no box" for p in prompts]
+    return [RED_SQUARE] * len(prompts)
+
+
 @pytest.fixture(scope="module")
-def app_url(tiny_run):
+def app_run(tiny_run, tmp_path_factory):
+    """The tiny run as a finished run has it: results.csv, training records, and a `vlmtk analyze` output of
+    ``SAMPLES`` (own data, with fixed answers so that the backbones' IoUs differ)."""
+    from toolkit.eval.metrics import metric_row
+    from toolkit.interpret import analyze_split
+    from toolkit.report import results_frame
+    from toolkit.vlm import VLM
+
+    run = tmp_path_factory.mktemp("app") / "run"
+    shutil.copytree(tiny_run, run)
+    rows = _score_rows().to_dict("records") + [metric_row(n, "pretrain", "cls", "top1", v)
+                                               for n, v in (("vit-test", 0.9), ("maxvit-test", 0.7))]
+    results_frame(rows).to_csv(run / "results.csv", index=False)
+    (run / "backbones").mkdir()
+    (run / "backbones" / "vit-test.json").write_text(json.dumps(dict(top1=0.9, loss_curve=[[1, 2.0], [2, 1.0]])))
+    (run / "vlms" / "vit-test" / "train_record.json").write_text(json.dumps(dict(loss_curve=[[1, 3.0], [2, 2.0]])))
+    own = run.parent / "own"
+    own.mkdir()
+    scene_image().save(own / "scene.png")
+    scene_image((64, 32)).save(own / "wide.png")
+    (own / "own.jsonl").write_text("\n".join(json.dumps(dict(image=i, expression=e, box=b)) for i, e, b in SAMPLES))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(VLM, "generate", _fixed_answers)
+        analyze_split(run, expressions=own / "own.jsonl", maps=["similarity"], progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def app_url(app_run, tmp_path_factory):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "app.app", "--run-dir", str(tiny_run), "--port", str(port)],
-                            cwd=REPO, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+    tmp = tmp_path_factory.mktemp("app-tmp")  # what the app writes (downloads, gradio's cache) stays in pytest's
+    proc = subprocess.Popen([sys.executable, "-m", "app.app", "--run-dir", str(app_run), "--port", str(port)],
+                            cwd=REPO, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(tmp)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
@@ -57,6 +105,7 @@ def client(app_url):
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("uploads")
     scene_image().save(d / "scene.png")
+    scene_image((64, 32)).save(d / "wide.png")
     (d / "garbage.png").write_bytes(b"not an image at all")
     (d / "huge.png").write_bytes(_bomb_png(20000))  # 20000 x 20000 pixels, as far as PIL is concerned
     return d
@@ -78,13 +127,16 @@ def test_one_row_per_backbone(client, files):
     ("scene.png", "x" * 10000, None, "", "at most 500 are accepted"),
     ("scene.png", "the red square", [], "", "no backbone selected"),
     ("scene.png", "the red square", None, "4, 4, 2", "ground-truth box"),
-], ids=["no-image", "unreadable", "20000x20000", "empty-expression", "10000-chars", "no-backbone", "bad-gt-box"])
+    ("scene.png", "the red square", None, "4, 4, 60, 18", "leaves the 48x32 image"),
+], ids=["no-image", "unreadable", "20000x20000", "empty-expression", "10000-chars", "no-backbone", "bad-gt-box",
+        "gt-box-outside"])
 def test_bad_input_gives_a_clear_message(client, files, image, expression, backbones, gt, message):
     plot, table, status = client.predict(None if image is None else handle_file(files / image), expression,
                                          list(RUN_BACKBONES) if backbones is None else backbones, gt,
                                          api_name="/analyze")
     assert status.startswith("**Cannot run:**") and message in status
     assert plot is None and table["data"] == []
+    assert str(files) not in status and "/tmp" not in status  # the file's name only, never a server path
 
 
 def test_non_image_file_type_is_refused_by_name(client, files):
@@ -94,22 +146,191 @@ def test_non_image_file_type_is_refused_by_name(client, files):
                        api_name="/analyze")
 
 
-@pytest.mark.browser
-def test_browser_upload_type_and_run(app_url, files, tmp_path):
+def test_analysing_a_run_without_a_world_says_why_without_its_path(client, app_run):
+    _, note = client.predict(api_name="/analyse")
+    assert note.startswith("**Cannot analyse 10 val samples here:**") and "neither evaluation caches" in note
+    assert str(app_run) not in note and "<run run>" in note
+
+
+def test_a_model_that_does_not_load_is_named_on_its_own_line_and_the_others_serve(tiny_run, tmp_path):
+    from app.app import build_app
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    weights = run / "vlms" / "vit-test" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    (run / "vlms" / "half-trained").mkdir()
+    demo = build_app(run)
+    texts = [b.value for b in demo.blocks.values() if type(b).__name__ == "Markdown" and b.value]
+    lines = next(t for t in texts if "not loaded" in t).splitlines()
+    assert lines[0].startswith("- **`half-trained` not loaded:** not finished")
+    assert lines[1].startswith("- **`vit-test` not loaded:** its files do not load") and str(tmp_path) not in lines[1]
+    assert any("trained on the toolkit's generated scene world" in t for t in texts)
+    boxes = next(b for b in demo.blocks.values() if type(b).__name__ == "CheckboxGroup")
+    assert sorted(c[1] for c in boxes.choices) == sorted(n for n in RUN_BACKBONES if n != "vit-test")
+
+
+@pytest.mark.slow
+def test_twenty_clients_at_once_all_get_their_answer(app_url, files, capsys):
+    def one(i: int) -> float:
+        c = Client(app_url, verbose=False)
+        start = time.perf_counter()
+        plot, table, status = c.predict(handle_file(files / ("scene.png", "wide.png")[i % 2]), "the red square",
+                                        list(RUN_BACKBONES), "4, 4, 18, 18", api_name="/analyze")
+        assert status.startswith("Grounded with") and [r[0] for r in table["data"]] == list(RUN_BACKBONES)
+        return time.perf_counter() - start
+
+    with ThreadPoolExecutor(20) as pool:
+        latencies = sorted(pool.map(one, range(20)))  # re-raises the first failure of any client
+    assert len(latencies) == 20
+    with capsys.disabled():
+        print(f"\n20 concurrent /analyze requests: median {statistics.median(latencies):.2f} s, "
+              f"p95 {latencies[18]:.2f} s (queued one at a time: the events that run the models share one slot)")
+
+
+# ------------------------------------------------------------------------------------ in a browser
+
+
+@contextmanager
+def _page(url: str, width: int):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(app_url)
-        page.locator("input[type=file]").first.set_input_files(str(files / "scene.png"))
+        page = browser.new_page(viewport={"width": width, "height": 1000}, accept_downloads=True)
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def _choose(page, label: str, option: str) -> None:
+    """Pick ``option`` from the list of the dropdown labelled ``label`` (not from another one still open)."""
+    menu = page.get_by_label(label, exact=True)
+    menu.click()
+    page.locator(f"#{menu.get_attribute('aria-controls')}").get_by_role("option", name=option, exact=True).click()
+    menu.blur()
+
+
+def _ground(page, image: Path, expression: str, gt: str = "") -> None:
+    page.get_by_test_id("file-upload").first.set_input_files(str(image))
+    page.locator("#preview img").wait_for()
+    page.get_by_label("referring expression").fill(expression)
+    page.get_by_label("ground-truth box in pixels (optional)").fill(gt)
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Grounded with").wait_for()
+
+
+def _within(page, locator, width: int) -> None:
+    locator.scroll_into_view_if_needed()
+    box = locator.bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= width + 0.5, (box, width)
+
+
+@pytest.mark.browser
+def test_browser_compare_gallery_and_downloads(app_url, files, tmp_path):
+    from playwright.sync_api import expect
+
+    with _page(app_url, 1440) as page:
+        page.locator("#examples img").first.click()  # the run's scene example: image, expression and its box
+        expect(page.get_by_label("ground-truth box in pixels (optional)")).to_have_value("4, 4, 18, 18")
+        assert page.get_by_label("referring expression").input_value() == "the red square"
+        first = page.locator("#preview img").get_attribute("src")
+        # a new file while one is loaded (the file box itself takes one when empty: see _ground)
+        page.get_by_test_id("choose another image-upload-button").set_input_files(str(files / "wide.png"))
+        expect(page.locator("#preview img")).not_to_have_attribute("src", first)
         page.get_by_label("referring expression").fill("the red square")
+        page.get_by_label("ground-truth box in pixels (optional)").fill("4, 4, 18, 18")
         page.get_by_role("button", name="Run", exact=True).click()
-        page.get_by_text("Grounded with").wait_for(timeout=60_000)
+        page.get_by_text("Grounded with").wait_for()
         for name in RUN_BACKBONES:
             assert page.get_by_role("gridcell", name=name, exact=True).count() == 1
-        page.screenshot(path=tmp_path / "app.png", full_page=True)
+        title = page.locator("#gallery .gtitle")
+        expect(title).to_contain_text("similarity (token=mean, contextual=False)")
+        _choose(page, "map type", "backbone_attention")
+        expect(title).to_contain_text("backbone_attention (module=rollout, query=box-centre)")
+        _choose(page, "module", "blocks.1.attn")
+        expect(title).to_contain_text("module=blocks.1.attn")
+        _choose(page, "query", "patch (1, 2) of maxvit-test (x 40, y 8)")
+        expect(title).to_contain_text("query=40, 8")
+        assert "windowed or off-grid attention" in page.locator("#gallery").text_content()  # maxvit-test's reason
+        magic = {"figure PNG": b"\x89PNG\r\n\x1a\n", "figure SVG": b"<svg", "figure PDF": b"%PDF-"}
+        for name in [*magic, "analysis JSON"]:
+            button = page.get_by_role("button", name=name)
+            expect(button).to_be_enabled()
+            with page.expect_download() as download:
+                button.click()
+            data = Path(download.value.path()).read_bytes()
+            if name in magic:
+                assert data.startswith(magic[name]), (name, data[:20])
+            else:
+                saved = json.loads(data)
+                assert set(saved) == {"expression", "image", "gt_box", "backbones", "gallery"}
+                assert saved["gallery"]["options"] == {"module": "blocks.1.attn", "query": {"x": 40, "y": 8}}
+                vit = saved["gallery"]["maps"]["vit-test"]
+                assert len(vit["values"]) == vit["grid"][0] and vit["query"] == [1, 2]
+                assert "windowed" in saved["gallery"]["maps"]["maxvit-test"]["unavailable"]
+                assert saved["backbones"]["vit-test"]["geometry"]["orig_w"] == 64
+        page.screenshot(path=tmp_path / "compare-1440.png", full_page=True)
         page.get_by_label("referring expression").fill("")
         page.get_by_role("button", name="Run", exact=True).click()
-        page.get_by_text("Cannot run: the referring expression is empty").first.wait_for(timeout=30_000)
-        browser.close()
+        page.get_by_text("Cannot run: the referring expression is empty").first.wait_for()
+
+
+@pytest.mark.browser
+def test_browser_dataset_sorts_filters_and_opens_a_row_in_compare(app_url, tmp_path):
+    from playwright.sync_api import expect
+
+    with _page(app_url, 1440) as page:
+        page.get_by_role("tab", name="Dataset").click()
+        expect(page.locator("#scores")).to_contain_text("similarity")
+        rows = page.locator("#samples").get_by_role("row")
+        expect(rows).to_have_count(1 + len(SAMPLES))  # the page's load has shown the first output: now choose
+        _choose(page, "backbone A", "vit-test")
+        _choose(page, "backbone B", "maxvit-test")
+        expect(rows.first).to_contain_text("IoU vit-test - maxvit-test")
+        expect(rows).to_have_count(1 + len(SAMPLES))
+        cells = [r.split("\n") for r in rows.all_inner_texts()[1:]]
+        diffs = [float(c[5]) for c in cells]
+        assert diffs == sorted(diffs, reverse=True) and diffs[0] > 0.9 and cells[0][0] == "the square"
+        page.get_by_label("invalid answers").check()
+        expect(rows).to_have_count(1 + 2)  # maxvit-test does not answer "the square" or "the blue circle"
+        page.get_by_label("failures (IoU < 0.5)").check()
+        expect(rows).to_have_count(1 + 3)  # all but "the red square" on scene.png, which both get right
+        page.screenshot(path=tmp_path / "dataset-1440.png", full_page=True)
+        rows.nth(1).get_by_role("gridcell").first.click()
+        expect(page.get_by_role("tab", name="Compare")).to_have_attribute("aria-selected", "true")
+        page.get_by_text("Grounded with").wait_for()
+        assert page.get_by_label("referring expression").input_value() == "the square"
+        assert page.get_by_label("ground-truth box in pixels (optional)").input_value() == "4, 4, 18, 18"
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", [800, 1440])
+def test_browser_every_tab_fits_the_width(app_url, files, tmp_path, width):
+    with _page(app_url, width) as page:
+        for tab in ("Compare", "Dataset", "Run"):
+            _within(page, page.get_by_role("tab", name=tab), width)
+        _ground(page, files / "scene.png", "the red square", "4, 4, 18, 18")
+        page.locator("#figure .js-plotly-plot").wait_for()
+        page.locator("#gallery .js-plotly-plot").wait_for()
+        for locator in (page.locator("#figure .js-plotly-plot"), page.locator("#gallery .js-plotly-plot"),
+                        *[page.get_by_role("button", name=n) for n in ("figure PNG", "figure SVG", "figure PDF",
+                                                                        "analysis JSON")]):
+            _within(page, locator, width)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width  # nothing runs off to the right
+        page.screenshot(path=tmp_path / f"compare-{width}.png", full_page=True)
+        assert Image.open(tmp_path / f"compare-{width}.png").width == width
+        page.get_by_role("tab", name="Run").click()
+        page.get_by_text("Grounding Acc@IoU>=0.5").wait_for()
+        assert page.get_by_role("cell", name="0.750 [0.25, 1.00]").count() >= 1  # a results table, with intervals
+        plots = page.locator("#run-figures .js-plotly-plot")
+        plots.first.wait_for()
+        assert plots.count() == 3  # training curves, score bars, top-1 against grounding
+        assert "Training curves" in plots.first.text_content()
+        for i in range(3):
+            _within(page, plots.nth(i), width)
+        page.screenshot(path=tmp_path / f"run-{width}.png", full_page=True)
+        assert Image.open(tmp_path / f"run-{width}.png").width == width

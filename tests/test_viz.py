@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -90,6 +91,45 @@ def test_explorer_runs_and_reports_bad_input(tiny_tokenizer, tmp_path):
     assert list(ui.run()) == ["vit-test"] and "<table" in ui.status.value
     ui.expression.value = ""
     assert ui.run() is None and "expression is empty" in ui.status.value
+
+
+def test_explorer_gallery_follows_its_menus_and_a_click_and_exports(tiny_run, tmp_path):
+    pytest.importorskip("anywidget", reason="the gallery's clicks need plotly's FigureWidget (anywidget)")
+    from toolkit.interpret import PixelPoint, example_images
+    from toolkit.runs import load_vlms
+    from toolkit.viz import Explorer
+
+    ui = Explorer(load_vlms(tiny_run), example_images(tiny_run), export_dir=tmp_path)
+    assert ui.gt.value == "4, 4, 18, 18"  # the example's ground truth, as the box field reads it
+    assert sorted(ui.run()) == sorted(RUN_BACKBONES) and ui.gallery.name == "similarity"
+    ui.map_type.value = "backbone_attention"  # the menus are generated from the map type's declared options
+    assert list(ui.controls) == ["module", "query"] and ui.query_option == "query"
+    ui.controls["module"].value = "blocks.1.attn"
+    assert ui.gallery.options == {"module": "blocks.1.attn", "query": "box-centre"}
+    before = ui.gallery.maps["vit-test"]
+    assert "windowed" in ui.gallery.unavailable["maxvit-test"] and "windowed" in ui.gallery_status.value
+    # a click as the browser sends it to the FigureWidget: on the vit-test panel's map, at pixel (6, 22)
+    fw = ui.gallery_figure
+    heatmap = next(i for i, t in enumerate(fw.data) if t.type == "heatmap" and t.xaxis == "x2")
+    fw._js2py_pointsCallback = dict(event_type="plotly_click", selector=None, device_state=None,
+                                    points=dict(xs=[6.0], ys=[22.0], point_indexes=[[0, 0]],
+                                                trace_indexes=[heatmap]))
+    assert ui.controls["query"].value == PixelPoint(6.0, 22.0) and ui.gallery.options["query"] == PixelPoint(6, 22)
+    assert ui.gallery.queries["vit-test"] == (2, 0) and ui.gallery_figure is not fw  # input y 20 of 32: row 2
+    assert not torch.equal(ui.gallery.maps["vit-test"], before)  # recomputed from the new query
+    for fmt, magic in (("png", b"\x89PNG"), ("svg", b"<svg"), ("pdf", b"%PDF"), ("json", b"{")):
+        if fmt != "json" and CHROMIUM is None:
+            assert ui.export(fmt) is None and "unavailable" in ui.export_status.value
+            continue
+        ui.export_buttons[fmt].click()
+        assert (tmp_path / f"explore.{fmt}").read_bytes().startswith(magic)
+        assert f"wrote explore.{fmt}" in ui.export_status.value
+    saved = json.loads((tmp_path / "explore.json").read_text())
+    assert saved["gallery"]["options"]["query"] == {"x": 6.0, "y": 22.0}
+    assert saved["gallery"]["maps"]["vit-test"]["query"] == [2, 0]
+    ui.map_type.value = "similarity"  # no query: a click says so and changes nothing
+    ui.on_click(None, SimpleNamespace(xs=[6.0], ys=[22.0]))
+    assert "has no query patch" in ui.gallery_status.value and ui.gallery.name == "similarity"
 
 
 def test_explorer_names_the_extra_when_ipywidgets_is_missing(monkeypatch):

@@ -149,9 +149,16 @@ def write_figures(run_dir: Path, refs: Sequence, cfg, formats: Sequence[str] = (
 def write_result_figures(run_dir: Path, df: pd.DataFrame, formats: Sequence[str] = ("html", "png")) -> list[Path]:
     """Training curves (from the pretraining records in ``backbones/`` and each VLM's ``train_record.json``) and the
     score bars of ``df``, as self-contained HTML and PNG (when a Chromium is at hand)."""
+    return _save_figures(result_figures(run_dir, df), Path(run_dir) / "figures", formats)
+
+
+def result_figures(run_dir: str | Path, df: pd.DataFrame) -> list[tuple]:
+    """(figure, file stem) of a run's result figures: training curves from its records, the score bars of ``df``,
+    and backbone top-1 against VLM grounding where two or more backbones have a top-1."""
     from toolkit.config import split_spec
     from toolkit.viz.results import score_bars, training_curves
 
+    run_dir = Path(run_dir)
     records: dict[str, dict] = {}
     for path in sorted((run_dir / "backbones").glob("*.json")):
         rec = json.loads(path.read_text())
@@ -166,7 +173,21 @@ def write_result_figures(run_dir: Path, df: pd.DataFrame, formats: Sequence[str]
     figures = [(training_curves(records), "training_curves"), (score_bars(df), "scores")]
     if len(df[(df.task == "pretrain") & (df.metric == "top1")]) >= 2:
         figures.append((top1_vs_grounding(df), "top1_vs_grounding"))
-    return _save_figures(figures, run_dir / "figures", formats)
+    return figures
+
+
+def load_results(run_dir: str | Path) -> pd.DataFrame:
+    """A finished run's results.csv; FileNotFoundError (saying what makes it) before the run has finished."""
+    path = Path(run_dir) / "results.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"run `{Path(run_dir).name}` has no results.csv: it is written when the run "
+                                "finishes (`vlmtk demo`)")
+    return pd.read_csv(path)
+
+
+def tables_markdown(tables: dict[str, pd.DataFrame], level: int = 2, floatfmt: str = "g") -> str:
+    """``summary_tables``' tables as Markdown, each under a heading of ``level``."""
+    return "\n\n".join(f"{'#' * level} {t}\n\n{tab.to_markdown(floatfmt=floatfmt)}" for t, tab in tables.items())
 
 
 def write_all_figures(run_dir: str | Path, formats: Sequence[str] = ("html", "png", "pdf", "svg"),
@@ -180,13 +201,11 @@ def write_all_figures(run_dir: str | Path, formats: Sequence[str] = ("html", "pn
     from toolkit.runs import run_world
 
     run_dir = Path(run_dir)
-    if not (run_dir / "results.csv").is_file():
-        raise FileNotFoundError(f"{run_dir} has no results.csv: finish the run first (`vlmtk demo`)")
-    df = pd.read_csv(run_dir / "results.csv")
+    df = load_results(run_dir)
     written = write_result_figures(run_dir, df, formats)
     tables = summary_tables(df)
     out = run_dir / "figures"
-    (out / "tables.md").write_text("\n\n".join(f"## {t}\n\n{tab.to_markdown()}" for t, tab in tables.items()) + "\n")
+    (out / "tables.md").write_text(tables_markdown(tables) + "\n")
     (out / "tables.tex").write_text("\n".join(latex_table(t, tab) for t, tab in tables.items()))
     written += [out / "tables.md", out / "tables.tex"]
     world = run_world(run_dir)

@@ -9,7 +9,7 @@ family name, so a family without attention or scans simply has empty dicts. Inpu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -18,7 +18,7 @@ from PIL import Image
 from toolkit.geometry import Geometry
 from toolkit.interpret.attention import LMAttention, lm_image_attention, skip_summary
 from toolkit.interpret.attribution import pixel_saliency
-from toolkit.interpret.context import build_context
+from toolkit.interpret.context import MapContext, build_context
 from toolkit.interpret.inputs import format_pixel_box, load_image
 from toolkit.interpret.scan_paths import ScanPath, scan_paths_from_inputs
 from toolkit.interpret.similarity import Similarity, text_image_similarity
@@ -45,6 +45,8 @@ class Analysis:
     scan_paths: dict[str, ScanPath]  # scan module -> its path from the query; may be empty
     skipped: dict[str, str]  # attention/scan modules without a map, and why
     saliency: torch.Tensor | None = None  # (H_in, W_in) |d logit / d pixel| of the answer's first token
+    # the context the maps came from: any map type of toolkit.interpret.maps computes from it without another pass
+    context: MapContext | None = field(default=None, repr=False, compare=False)
 
     @property
     def tap_scan(self) -> tuple[str, ScanPath] | None:
@@ -96,7 +98,7 @@ def analyze(vlm: VLM, image, expression: str, *, gt_box: Sequence[float] | None 
         lm_attention=lm_image_attention(vlm, ctx.tokens, ctx.prompt, ctx.answer, ctx.grid),
         attention=ctx.attention.query_maps(ctx.query), scan_paths=scans,
         skipped={**ctx.attention.skipped, **scan_skipped},
-        saliency=pixel_saliency(vlm, ctx.pixels, ctx.prompt, ctx.answer) if saliency else None,
+        saliency=pixel_saliency(vlm, ctx.pixels, ctx.prompt, ctx.answer) if saliency else None, context=ctx,
     )
 
 

@@ -229,6 +229,22 @@ def analyze_split(run_dir: str | Path, split: str = "val", maps: Sequence[str] |
     return res
 
 
+def score_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary's scores, one row per backbone x map type, one column per metric, each "mean [ci_low, ci_high]"
+    (empty when no sample had a ground-truth box)."""
+    import pandas as pd
+
+    from toolkit.report import _with_interval
+
+    scores = summary[summary.task != "grounding"]
+    if not len(scores):
+        return pd.DataFrame(columns=["backbone", "map"] + [label for _, label in METRICS])
+    shown = scores.assign(shown=scores.apply(_with_interval, axis=1)).pivot_table(
+        index=["backbone", "task"], columns="metric", values="shown", aggfunc="first", sort=False)
+    shown = shown.reindex(columns=[m for m, _ in METRICS]).rename(columns=dict(METRICS))
+    return shown.rename_axis(index=["backbone", "map"]).reset_index().rename_axis(columns=None)
+
+
 def write_summary(res: SplitAnalysis, run_name: str, split: str, n: int, n_boxed: int) -> None:
     """``summary.csv`` (the metric rows) and ``summary.md`` (a table per map type x backbone, the reasons for
     what is missing, the input problems) in ``res.out_dir``."""
@@ -243,13 +259,9 @@ def write_summary(res: SplitAnalysis, run_name: str, split: str, n: int, n_boxed
              "map's maximum inside the box; deletion AUC: mean IoU while the top 0-50% of visual tokens by the map "
              "are replaced by the mean token (lower = the answer needed what the map marked; compare with the "
              "random order).", ""]
-    scores = df[df.task != "grounding"]
-    if len(scores):
-        shown = scores.assign(shown=scores.apply(_with_interval, axis=1)).pivot_table(
-            index=["backbone", "task"], columns="metric", values="shown", aggfunc="first", sort=False)
-        shown = shown.reindex(columns=[m for m, _ in METRICS]).rename(columns=dict(METRICS))
-        lines += ["## Scores", "", shown.rename_axis(index=["backbone", "map"]).reset_index().to_markdown(index=False),
-                  ""]
+    shown = score_table(df)
+    if len(shown):
+        lines += ["## Scores", "", shown.to_markdown(index=False), ""]
     iou = df[df.task == "grounding"]
     if len(iou):
         table = iou.assign(iou=iou.apply(_with_interval, axis=1)).set_index("backbone")[["iou", "n"]]

@@ -24,6 +24,7 @@ from toolkit.interpret.attribution import pixel_saliency, token_integrated_gradi
 from toolkit.interpret.context import Capture, MapContext, build_context, probe, query_point
 from toolkit.interpret.scan_paths import cell_of, scan_paths_from_inputs
 from toolkit.interpret.similarity import text_image_similarity
+from toolkit.llm import token_embeddings
 from toolkit.vlm import VLM
 
 
@@ -34,12 +35,15 @@ class MapUnavailable(ValueError):
 @dataclass(frozen=True)
 class Option:
     """A map type's option. ``choices``: the allowed values; a type among them admits any value of that type (e.g.
-    ``("mean", int)``); a callable gives them for a model. ``compute_map`` checks against them."""
+    ``("mean", int)``); a callable gives them for a model. ``compute_map`` checks against them. ``menu``: where a
+    type is admitted, the values of it a front end lists for one context (value -> label), e.g. the expression's
+    token indices; other values of the type stay allowed."""
 
     name: str
     default: object
     choices: tuple | Callable[[VLM], tuple]
     help: str = ""
+    menu: Callable[[MapContext], dict] | None = None
 
     def allowed(self, vlm: VLM) -> tuple:
         return self.choices(vlm) if callable(self.choices) else self.choices
@@ -53,6 +57,13 @@ class MapType:
     fn: Callable[..., torch.Tensor]
     options: dict[str, Option]
     check: Callable[[Capture], str | None]  # None: available; else why not
+
+    def check_names(self, names) -> None:
+        """Raise ValueError naming the declared options when ``names`` holds one that is not."""
+        unknown = set(names) - set(self.options)
+        if unknown:
+            raise ValueError(f"map type `{self.name}` has no option {sorted(unknown)}; it has "
+                             f"{sorted(self.options) or 'none'}")
 
     def available(self, vlm_or_ctx: VLM | Capture) -> str | None:
         """None when the map exists for this model, else the reason. A VLM is probed with one backbone pass over a
@@ -82,10 +93,11 @@ def map_type(name: str) -> MapType:
 
 def map_options(name: str, vlm: VLM) -> dict[str, Option]:
     """The options of map type ``name`` with their choices resolved for ``vlm``."""
-    return {k: Option(o.name, o.default, o.allowed(vlm), o.help) for k, o in map_type(name).options.items()}
+    return {k: Option(o.name, o.default, o.allowed(vlm), o.help, o.menu) for k, o in map_type(name).options.items()}
 
 
-def _admits(choices: tuple, value) -> bool:
+def admits(choices: tuple, value) -> bool:
+    """Whether ``value`` is among ``choices`` (an Option's resolved choices); 0 and False are told apart."""
     for c in choices:
         if isinstance(c, type):
             if isinstance(value, c) and not (c is not bool and isinstance(value, bool)):
@@ -103,12 +115,10 @@ def compute_map(name: str, vlm_or_ctx: VLM | MapContext, image=None, expression:
     ``MapUnavailable``."""
     mt = map_type(name)
     vlm = vlm_or_ctx.vlm if isinstance(vlm_or_ctx, MapContext) else vlm_or_ctx
-    unknown = set(options) - set(mt.options)
-    if unknown:
-        raise ValueError(f"map type `{name}` has no option {sorted(unknown)}; it has {sorted(mt.options) or 'none'}")
+    mt.check_names(options)
     for key, value in options.items():
         choices = mt.options[key].allowed(vlm)
-        if not _admits(choices, value):
+        if not admits(choices, value):
             shown = ", ".join(c.__name__ if isinstance(c, type) else repr(c) for c in choices)
             raise ValueError(f"`{name}` option {key}={value!r} is not one of: {shown}")
     ctx = vlm_or_ctx if isinstance(vlm_or_ctx, MapContext) else build_context(vlm, image, expression)
@@ -128,8 +138,19 @@ def _point(ctx: MapContext, query) -> tuple[float, float]:
 
 # -- the map types ----------------------------------------------------------------------------------------------
 
+def _token_menu(ctx: MapContext) -> dict:
+    tokens, _ = token_embeddings(ctx.vlm.lm, ctx.vlm.tokenizer, ctx.expression)
+    return {i: f"{i}: {t}" for i, t in enumerate(tokens)}
+
+
+def _cell_menu(ctx: MapContext) -> dict:
+    h, w = ctx.grid
+    return {(r, c): f"patch ({r}, {c})" for r in range(h) for c in range(w)}
+
+
 @register_map("similarity",
-              Option("token", "mean", ("mean", int), "an expression token's index, or the mean over them"),
+              Option("token", "mean", ("mean", int), "an expression token's index, or the mean over them",
+                     _token_menu),
               Option("contextual", False, (False, True), "LM last-layer states instead of input embeddings"))
 def _similarity(ctx: MapContext, token, contextual) -> torch.Tensor:
     """Cosine similarity of the expression's tokens with the visual tokens in the LM's space (signed)."""
@@ -176,7 +197,7 @@ def _attention_check(cap: Capture) -> str | None:
 @register_map("backbone_attention",
               Option("module", "rollout", lambda vlm: ("rollout", *(n for n, _ in vlm.backbone.attention_modules())),
                      "a captured attention module, or the rollout over all captured ones"),
-              Option("query", "box-centre", ("box-centre", tuple), "(row, col) on the tap grid"),
+              Option("query", "box-centre", ("box-centre", tuple), "(row, col) on the tap grid", _cell_menu),
               available=_attention_check)
 def _backbone_attention(ctx: MapContext, module, query) -> torch.Tensor:
     """Backbone self-attention from the query patch (heads averaged, prefix tokens dropped), as the model ran it."""
@@ -204,7 +225,7 @@ def _scan_check(cap: Capture) -> str | None:
               Option("direction", "merged", ("merged", 0, 1, 2, 3), "one of the four scan directions, or their sum"),
               Option("module", "tap", lambda vlm: ("tap", *(n for n, _ in vlm.backbone.scan_modules())),
                      "a scan module, or the tap's (the last before the visual tokens)"),
-              Option("query", "box-centre", ("box-centre", tuple), "(row, col) on the tap grid"),
+              Option("query", "box-centre", ("box-centre", tuple), "(row, col) on the tap grid", _cell_menu),
               available=_scan_check)
 def _scan_path(ctx: MapContext, direction, module, query) -> torch.Tensor:
     """Magnitude of an SS2D block's implicit attention from the query patch, resampled onto the tap grid."""
@@ -220,7 +241,8 @@ def _scan_path(ctx: MapContext, direction, module, query) -> torch.Tensor:
 
 @register_map("integrated_gradients",
               Option("baseline", "zeros", ("zeros", "mean"), "all-zero visual tokens, or the image's mean token"),
-              Option("n_steps", 16, (int,), "interpolation steps (one LM batch)"))
+              Option("n_steps", 16, (int,), "interpolation steps (one LM batch)",
+                     lambda ctx: {n: str(n) for n in (4, 8, 16, 32, 64)}))
 def _integrated_gradients(ctx: MapContext, baseline, n_steps) -> torch.Tensor:
     """Integrated Gradients of the answer's log-probability over the visual tokens: positive part of the per-token
     sum over channels."""
