@@ -56,6 +56,21 @@ def test_report_has_one_row_per_backbone_task_metric(smoke_run):
     assert sorted((run / "figures").glob("side_by_side_*.html"))
 
 
+def test_run_dir_names_every_file_a_run_writes(smoke_run):
+    from toolkit.runs import RunDir
+
+    cfg, _, res, _ = smoke_run
+    run = RunDir(res["run_dir"])
+    assert run.config.is_file() and run.results_csv.is_file() and run.results_md.is_file() and run.figures.is_dir()
+    assert (run.lm_base / "config.json").is_file() and not run.lm_base_state.exists()  # removed once warmed up
+    for spec in cfg.backbones:
+        assert (run.vlm(spec) / "model.safetensors").is_file() and not (run.vlm(spec) / "train_state.pt").exists()
+        assert any(p.parent == run.vlm(spec) for p in run.eval_caches())
+    assert {p.stem for p in run.backbone_records()} == {"vit-test", "vmamba-test", "vmamba-test+dense"}
+    assert all(run.backbone(p.stem).is_file() for p in run.backbone_records())
+    assert {p.parent.name for p in run.train_records()} == set(cfg.backbones)
+
+
 @pytest.mark.slow
 def test_second_run_reuses_data_and_checkpoints(smoke_run):
     cfg, root, res, first = smoke_run

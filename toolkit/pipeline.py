@@ -23,6 +23,7 @@ from toolkit.eval.metrics import metric_row
 from toolkit.eval.reliance import image_reliance
 from toolkit.llm import TEMPLATES
 from toolkit.registry import backbone_entry
+from toolkit.runs import RunDir
 from toolkit.train import distributed
 from toolkit.train.common import pick_device, seed_everything
 from toolkit.train.dense import dense_tune_backbone
@@ -90,15 +91,16 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     t_start = time.time()
     validate(cfg)
     d = distributed.current()
-    run_dir = Path(runs_root) / cfg.name
+    run = RunDir(Path(runs_root) / cfg.name)
+    run_dir = run.root
     device = distributed.device_for(d, pick_device(cfg.device))
     seed_everything(cfg.train.seed)
 
     def prepare():
         run_dir.mkdir(parents=True, exist_ok=True)
-        _check_same_config(run_dir / "config.json", cfg)
+        _check_same_config(run.config, cfg)
         if d.main:
-            cfg.save(run_dir / "config.json")
+            cfg.save(run.config)
         return world_data(cfg, Path(cache_root))
 
     world = distributed.main_first(prepare)  # under torchrun the others read what rank 0 wrote
@@ -121,13 +123,13 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         base, is_dense = specs.get(spec, split_spec(spec))
         if not is_dense and base in cfg.backbone_weights:
             return str(Path(cfg.backbone_weights[base]).resolve())
-        return str(run_dir / "backbones" / f"{spec}.safetensors")
+        return str(run.backbone(spec))
 
     for base in dict.fromkeys(b for b, _ in specs.values()):
         if base in cfg.backbone_weights:
             pre[base] = dict(backbone=base, weights=weights_of(base), top1=None)
             continue
-        path = run_dir / "backbones" / f"{base}.safetensors"
+        path = run.backbone(base)
         if path.is_file() and path.with_suffix(".json").is_file():
             pre[base] = json.loads(path.with_suffix(".json").read_text())
             continue
@@ -139,7 +141,7 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     for spec, (base, is_dense) in specs.items():
         if not is_dense:
             continue
-        path = run_dir / "backbones" / f"{spec}.safetensors"
+        path = run.backbone(spec)
         if path.is_file() and path.with_suffix(".json").is_file():
             dense[spec] = json.loads(path.with_suffix(".json").read_text())
             continue
@@ -162,9 +164,9 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         turns += object_list_turns(world, "train", index)
     lm_cfg = cfg.lm
     if cfg.lm.name_or_path is None:  # a fresh LM: train tokenizer + text warm-up once, shared by every backbone
-        lm_dir = run_dir / "lm_base"
+        lm_dir = run.lm_base
         if d.main and not (lm_dir / "config.json").is_file():
-            _build_lm_base(cfg, turns, lm_dir, device)
+            _build_lm_base(cfg, turns, run, device)
         distributed.barrier()  # the others read the LM rank 0 warmed up
         lm_cfg = replace(cfg.lm, name_or_path=str(lm_dir))
 
@@ -174,7 +176,7 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         monitor = grounding_monitor([r for s in STYLES for r in load_refcoco(world.root, s, "val")
                                      [: cfg.train.monitor_expressions]], cfg.eval.batch_size, cfg.eval.max_new_tokens)
     for name, (weights, conn) in vlm_specs.items():
-        out = run_dir / "vlms" / name
+        out = run.vlm(name)
         if (out / "config.json").is_file():
             continue
         vcfg = VLMConfig(backbone=specs[weights][0], connector=conn or cfg.connector, lm=lm_cfg, image_pos=cfg.image_pos,
@@ -200,7 +202,7 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     val_turns = [val_turns[int(i)] for i in order[: cfg.eval.max_reliance]]
     rows = []
     for name in cfg.backbones:
-        g, q, rel = _evaluate_cached(run_dir / "vlms" / name, refs, vqa, (val_images, val_turns), world.root, cfg,
+        g, q, rel = _evaluate_cached(run.vlm(name), refs, vqa, (val_images, val_turns), world.root, cfg,
                                      device, VQA_PROMPT)
         rows += summarize(name, g, q)
         rows += [metric_row(name, "reliance", "val", k, float(v), len(val_turns)) for k, v in rel.items()]
@@ -221,11 +223,11 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
 
         write_result_figures(run_dir, df)
         write_figures(run_dir, refs, cfg)
-    _log(f"done in {time.time() - t_start:.0f} s; report: {run_dir / 'results.md'}")
+    _log(f"done in {time.time() - t_start:.0f} s; report: {run.results_md}")
     return dict(run_dir=run_dir, rows=rows, pretrain=pre)
 
 
-def _build_lm_base(cfg: ExperimentConfig, turns: list[Turn], lm_dir: Path, device: torch.device) -> None:
+def _build_lm_base(cfg: ExperimentConfig, turns: list[Turn], run: RunDir, device: torch.device) -> None:
     """Tokenizer trained on the world's text + a fresh small Llama warmed up on text alone."""
     from toolkit.llm import build_lm, train_tokenizer
 
@@ -234,9 +236,9 @@ def _build_lm_base(cfg: ExperimentConfig, turns: list[Turn], lm_dir: Path, devic
     lm, tok = build_lm(replace(cfg.lm, name_or_path=None), tok)
     loss = pretrain_lm_text(lm, tok, TEMPLATES[cfg.lm.template], turns, cfg.train.lm_pretrain_steps,
                             batch_size=64, lr=2e-3, device=device, seed=cfg.train.seed,
-                            state_path=lm_dir.parent / "lm_base.state.pt")
-    lm.save_pretrained(str(lm_dir))
-    tok.save_pretrained(str(lm_dir))
+                            state_path=run.lm_base_state)
+    lm.save_pretrained(str(run.lm_base))
+    tok.save_pretrained(str(run.lm_base))
     _log(f"LM warm-up (text only): {cfg.train.lm_pretrain_steps} steps, final loss {loss}")
 
 

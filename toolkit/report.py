@@ -7,6 +7,8 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
+from toolkit.runs import RunDir, load_vlms, run_world
+
 
 COLUMNS = ["backbone", "task", "split", "metric", "value", "n", "ci_low", "ci_high"]
 COLLAPSE_METRICS = ["box_spread", "top_answer_share", "zero_area_rate"]
@@ -62,7 +64,7 @@ def write_report(run_dir: Path, rows: Sequence[dict], pretrain: dict, cfg, figur
     """results.csv and results.md; returns the results frame. ``figures``: link from results.md the figures that
     ``write_result_figures`` (given that frame) and ``write_figures`` write after this."""
     df = results_frame(rows)
-    df.to_csv(run_dir / "results.csv", index=False)
+    df.to_csv(RunDir(run_dir).results_csv, index=False)
     lines = [f"# Results: {cfg.name}", "",
              f"Backbones: {', '.join(cfg.backbones)}; connector {cfg.connector}; "
              "rows named `chance:*` are model-free baselines.", ""]
@@ -76,7 +78,7 @@ def write_report(run_dir: Path, rows: Sequence[dict], pretrain: dict, cfg, figur
         lines += ["- Box, text-image similarity, LM attention and backbone map side by side for a few val "
                   "expressions: `figures/side_by_side_*.html`", "",
                   "PNGs are written only where a Chromium was found (see the run's log).", ""]
-    (run_dir / "results.md").write_text("\n".join(lines))
+    RunDir(run_dir).results_md.write_text("\n".join(lines))
     return df
 
 
@@ -125,7 +127,6 @@ def write_figures(run_dir: Path, refs: Sequence, cfg, formats: Sequence[str] = (
     """The side-by-side figure (box, similarity, LM attention, backbone map per backbone) for a few val
     expressions, one of each style, as PNG (when a Chromium is at hand) and self-contained HTML."""
     from toolkit.interpret import compare
-    from toolkit.runs import load_vlms
     from toolkit.viz.figures import side_by_side
 
     vlms = load_vlms(run_dir, list(cfg.backbones))
@@ -143,13 +144,13 @@ def write_figures(run_dir: Path, refs: Sequence, cfg, formats: Sequence[str] = (
             fig.update_layout(title=f"{r.dataset}: \u201c{r.expression}\u201d")
             yield fig, f"side_by_side_{i:02d}"
 
-    return _save_figures(figures(), run_dir / "figures", formats)
+    return _save_figures(figures(), RunDir(run_dir).figures, formats)
 
 
 def write_result_figures(run_dir: Path, df: pd.DataFrame, formats: Sequence[str] = ("html", "png")) -> list[Path]:
     """Training curves (from the pretraining records in ``backbones/`` and each VLM's ``train_record.json``) and the
     score bars of ``df``, as self-contained HTML and PNG (when a Chromium is at hand)."""
-    return _save_figures(result_figures(run_dir, df), Path(run_dir) / "figures", formats)
+    return _save_figures(result_figures(run_dir, df), RunDir(run_dir).figures, formats)
 
 
 def result_figures(run_dir: str | Path, df: pd.DataFrame) -> list[tuple]:
@@ -160,12 +161,12 @@ def result_figures(run_dir: str | Path, df: pd.DataFrame) -> list[tuple]:
 
     run_dir = Path(run_dir)
     records: dict[str, dict] = {}
-    for path in sorted((run_dir / "backbones").glob("*.json")):
+    for path in RunDir(run_dir).backbone_records():
         rec = json.loads(path.read_text())
         # a dense-tuned record's curve is a segmentation loss, not comparable with the classification pretraining
         if "loss_curve" in rec and not split_spec(path.stem)[1]:
             records.setdefault(path.stem, {})["pretrain"] = rec
-    for path in sorted((run_dir / "vlms").glob("*/train_record.json")):
+    for path in RunDir(run_dir).train_records():
         records.setdefault(path.parent.name, {})["vlm"] = json.loads(path.read_text())
     # the results' backbone order, so that a backbone has the same colour in both figures
     order = list(dict.fromkeys(df.backbone))
@@ -178,7 +179,7 @@ def result_figures(run_dir: str | Path, df: pd.DataFrame) -> list[tuple]:
 
 def load_results(run_dir: str | Path) -> pd.DataFrame:
     """A finished run's results.csv; FileNotFoundError (saying what makes it) before the run has finished."""
-    path = Path(run_dir) / "results.csv"
+    path = RunDir(run_dir).results_csv
     if not path.is_file():
         raise FileNotFoundError(f"run `{Path(run_dir).name}` has no results.csv: it is written when the run "
                                 "finishes (`vlmtk demo`)")
@@ -198,19 +199,18 @@ def write_all_figures(run_dir: str | Path, formats: Sequence[str] = ("html", "pn
     ``figures/tables.md`` and ``figures/tables.tex``."""
     from toolkit.config import ExperimentConfig
     from toolkit.data import load_refcoco
-    from toolkit.runs import run_world
 
     run_dir = Path(run_dir)
     df = load_results(run_dir)
     written = write_result_figures(run_dir, df, formats)
     tables = summary_tables(df)
-    out = run_dir / "figures"
+    out = RunDir(run_dir).figures
     (out / "tables.md").write_text(tables_markdown(tables) + "\n")
     (out / "tables.tex").write_text("\n".join(latex_table(t, tab) for t, tab in tables.items()))
     written += [out / "tables.md", out / "tables.tex"]
     world = run_world(run_dir)
     if examples and world is not None:
-        cfg = ExperimentConfig.load(run_dir / "config.json")
+        cfg = ExperimentConfig.load(RunDir(run_dir).config)
         refs = [r for s in ("refcoco", "refcoco+", "refcocog")
                 for r in load_refcoco(world, s, "val")[: cfg.eval.max_per_style]]
         written += write_figures(run_dir, refs, cfg, formats)

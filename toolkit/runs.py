@@ -1,11 +1,14 @@
-"""Run directories: where an experiment's pretrained backbones, VLMs and reports live.
+"""Run directories: where an experiment's pretrained backbones, VLMs and reports live, named in one place
+(``RunDir``).
 
     runs/<name>/
       config.json                  the resolved ExperimentConfig
-      backbones/<backbone>.safetensors   pretrained (embedded world) backbone weights
-      backbones/<backbone>.json          its pretraining record (top-1, steps, time)
-      vlms/<backbone>/             one VLM per backbone (VLM.save layout), plus train_state for resuming
-      results.csv  results.md  figures/
+      backbones/<backbone>.safetensors   pretrained (embedded world) or dense-tuned backbone weights
+      backbones/<backbone>.json          its training record (top-1 or mIoU, steps, time, loss curve)
+      lm_base/                     the text-warmed LM every VLM of the run starts from
+      vlms/<backbone>/             one VLM per spec (VLM.save layout), its train_record.json, its evaluation caches
+                                   (eval_val_<key>.json), and train_state.pt while it trains
+      results.csv  results.md  figures/  analysis/<split>/
 """
 from __future__ import annotations
 
@@ -13,14 +16,83 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from toolkit.vlm import VLM
+if TYPE_CHECKING:  # loading a model needs torch; naming a run's paths does not
+    from toolkit.vlm import VLM
+
+
+class RunDir:
+    """Every path of a run directory. Paths stored inside a run are relative to it (see ``VLM.save``), so a copied
+    or moved run works from any current directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def backbones(self) -> Path:
+        return self.root / "backbones"
+
+    def backbone(self, spec: str) -> Path:
+        """Weights of a pretrained (``name``) or dense-tuned (``name+dense``) backbone; its record is the same path
+        with ``.json``, its resumable train state with ``.state.pt``."""
+        return self.backbones / f"{spec}.safetensors"
+
+    def backbone_records(self) -> list[Path]:
+        return sorted(self.backbones.glob("*.json"))
+
+    @property
+    def lm_base(self) -> Path:
+        return self.root / "lm_base"
+
+    @property
+    def lm_base_state(self) -> Path:
+        return self.root / "lm_base.state.pt"
+
+    @property
+    def vlms(self) -> Path:
+        return self.root / "vlms"
+
+    def vlm(self, name: str) -> Path:
+        return self.vlms / name
+
+    def train_records(self) -> list[Path]:
+        return sorted(self.vlms.glob("*/train_record.json"))
+
+    def eval_caches(self) -> list[Path]:
+        return sorted(self.vlms.glob("*/eval_val_*.json"))
+
+    @property
+    def results_csv(self) -> Path:
+        return self.root / "results.csv"
+
+    @property
+    def results_md(self) -> Path:
+        return self.root / "results.md"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def analyses(self) -> Path:
+        return self.root / "analysis"
+
+    def analysis(self, split: str) -> Path:
+        return self.analyses / split
 
 
 def vlm_dirs(run_dir: str | Path, skipped: dict[str, str] | None = None) -> dict[str, Path]:
     """Finished VLMs of a run by backbone name (a VLM is finished once its config.json is written); folders that are
     not go into ``skipped`` (name -> why) when given."""
-    root = Path(run_dir) / "vlms"
+    root = RunDir(run_dir).vlms
     if not root.is_dir():
         return {}
     out = {}
@@ -37,9 +109,11 @@ def load_vlms(run_dir: str | Path, names: list[str] | None = None,
     """Load a run's trained VLMs (all, or ``names``), each in eval mode on the CPU. A VLM that does not load (a
     truncated or damaged file, a missing part) is left out and named in ``skipped`` (name -> why) when given, so
     the others still serve; with ``skipped`` None it raises. Raises FileNotFoundError when none loads."""
+    from toolkit.vlm import VLM
+
     dirs = vlm_dirs(run_dir, skipped)
     if not dirs:
-        raise FileNotFoundError(f"no trained VLMs under {Path(run_dir) / 'vlms'}: run `make demo` first")
+        raise FileNotFoundError(f"no trained VLMs under {RunDir(run_dir).vlms}: run `make demo` first")
     if names:
         unknown = [n for n in names if n not in dirs]
         if unknown:
@@ -55,7 +129,7 @@ def load_vlms(run_dir: str | Path, names: list[str] | None = None,
             first = (str(e).splitlines() or [""])[0].replace(str(Path(run_dir)), "<run>")
             skipped[n] = f"its files do not load ({first[:200]})"
     if not out:
-        raise FileNotFoundError(f"no VLM under {Path(run_dir) / 'vlms'} loads: " +
+        raise FileNotFoundError(f"no VLM under {RunDir(run_dir).vlms} loads: " +
                                 "; ".join(f"{k}: {v}" for k, v in (skipped or {}).items()))
     return out
 
@@ -76,7 +150,7 @@ def example_images(run_dir: str | Path, limit: int = 8) -> list[Example]:
     the world, the world relative to the VLM's directory); images that are no longer on disk are left out.
     """
     out: dict[str, Example] = {}
-    for f in sorted(Path(run_dir).glob("vlms/*/eval_val_*.json")):
+    for f in RunDir(run_dir).eval_caches():
         record = json.loads(f.read_text())
         root = f.parent / record["world_root"] if "world_root" in record else Path()
         for r in record.get("grounding", []):
@@ -93,7 +167,7 @@ def example_images(run_dir: str | Path, limit: int = 8) -> list[Example]:
 def run_world(run_dir: str | Path) -> Path | None:
     """The scene world a run was scored on, as its evaluation caches name it (relative to the VLM's directory);
     None before any evaluation."""
-    for f in sorted(Path(run_dir).glob("vlms/*/eval_val_*.json")):
+    for f in RunDir(run_dir).eval_caches():
         record = json.loads(f.read_text())
         if "world_root" in record:
             return (f.parent / record["world_root"]).resolve()

@@ -35,6 +35,7 @@ from toolkit.interpret.inputs import load_image
 from toolkit.interpret.maps import MAP_TYPES, compute_map, map_type
 from toolkit.interpret.scores import deletion_curves, mass_in_box, pointing_game, random_map
 from toolkit.vlm import validate_expression
+from toolkit.runs import RunDir, load_vlms, run_world, vlm_dirs
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -73,17 +74,16 @@ def world_samples(run_dir: Path, split: str, cache_root: Path, problems: list[st
     config.json describes (made under ``cache_root`` if missing, as ``vlmtk demo`` would)."""
     from toolkit.data import load_refcoco
     from toolkit.data.expressions import STYLES
-    from toolkit.runs import run_world
 
     world = run_world(run_dir)
     if world is None:
-        if not (run_dir / "config.json").is_file():
+        if not RunDir(run_dir).config.is_file():
             raise FileNotFoundError(f"{run_dir} has neither evaluation caches nor a config.json naming its world: "
                                     "give --expressions (and --images) instead")
         from toolkit.config import ExperimentConfig
         from toolkit.pipeline import world_data
 
-        world = world_data(ExperimentConfig.load(run_dir / "config.json"), cache_root).root
+        world = world_data(ExperimentConfig.load(RunDir(run_dir).config), cache_root).root
     refs = [r for turn in zip_longest(*(load_refcoco(world, s, split) for s in STYLES)) for r in turn if r is not None]
     out = []
     for r in refs:
@@ -191,14 +191,13 @@ def analyze_split(run_dir: str | Path, split: str = "val", maps: Sequence[str] |
     Unknown map names raise ValueError (naming the known ones); a map type a backbone does not have, a malformed
     line, a refused expression or an unreadable image is reported in the summary, not raised."""
     from toolkit.report import results_frame
-    from toolkit.runs import load_vlms, vlm_dirs
 
     run_dir = Path(run_dir)
     names = list(MAP_TYPES) if not maps else [map_type(m).name for m in dict.fromkeys(maps)]
     skipped: dict[str, str] = {}
     dirs = vlm_dirs(run_dir, skipped)
     if not dirs and not skipped:
-        raise FileNotFoundError(f"no trained VLMs under {run_dir / 'vlms'}")
+        raise FileNotFoundError(f"no trained VLMs under {RunDir(run_dir).vlms}")
     problems: list[str] = []
     if expressions is not None:
         samples = file_samples(Path(expressions), None if images is None else Path(images), problems)
@@ -206,7 +205,7 @@ def analyze_split(run_dir: str | Path, split: str = "val", maps: Sequence[str] |
     else:
         samples = world_samples(run_dir, split, Path(cache_root), problems)
     samples = list({s.id: s for s in samples}.values())[:limit]  # a repeated image + expression counts once
-    out = Path(out) if out is not None else run_dir / "analysis" / split
+    out = Path(out) if out is not None else RunDir(run_dir).analysis(split)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     res = SplitAnalysis(out, None, 0, skipped_backbones=skipped, problems=problems)
     rows = []

@@ -14,7 +14,7 @@ import pandas as pd
 
 from toolkit.interpret.batch import score_table
 from toolkit.interpret.inputs import format_pixel_box
-from toolkit.runs import Example
+from toolkit.runs import Example, RunDir
 
 ANALYZE_COMMAND = "vlmtk analyze --run {run} --split val --limit 50"
 SHOW = {"all": "all samples", "failures": "failures (IoU < 0.5)", "invalid": "invalid answers"}
@@ -23,7 +23,7 @@ FAILURE_IOU = 0.5
 
 def find_analyses(run_dir: str | Path) -> dict[str, Path]:
     """Finished analysis outputs of a run by name (``val``, or a JSONL file's stem), in name order."""
-    root = Path(run_dir) / "analysis"
+    root = RunDir(run_dir).analyses
     return {p.parent.name: p.parent for p in sorted(root.glob("*/summary.csv"))} if root.is_dir() else {}
 
 
