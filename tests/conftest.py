@@ -34,7 +34,8 @@ def scan_kernels_available() -> bool:
     return True
 
 
-# One family with global attention, one with windowed attention only, and the 2-D scan family once its kernels exist.
+# One family with global attention, one with windowed (block + grid) attention only, and the 2-D scan family once its
+# kernels exist.
 RUN_BACKBONES = ("vit-test", "maxvit-test") + (("vmamba-test",) if scan_kernels_available() else ())
 
 

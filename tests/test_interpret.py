@@ -1,6 +1,7 @@
 """toolkit.interpret: map shapes on each backbone's grid, value ranges, what is captured per family, input checks."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 import zlib
@@ -57,11 +58,108 @@ def test_vit_attention_is_what_the_model_used(vlms):
     assert set(maps) == set(att.layers) | {"rollout"} and all(m.shape == grid for m in maps.values())
 
 
-def test_windowed_attention_gives_an_empty_result_with_reasons(vlms):
+def _support(kind: str, grid: tuple[int, int], p: int) -> torch.Tensor:
+    """(N, N) bool from the partition definitions: block attention mixes the tokens of one p x p window, grid
+    attention the tokens H/p (W/p) apart, one of each p x p dilated group."""
+    h, w = grid
+    r, c = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    if kind == "attn_block":
+        key_r, key_c = r // p, c // p
+    else:
+        key_r, key_c = r % (h // p), c % (w // p)
+    return (key_r[:, None] == key_r[None]) & (key_c[:, None] == key_c[None])
+
+
+def _window_tokens(kind: str, grid: tuple[int, int], p: int, k: int) -> list[int]:
+    """Flat stage-grid indices of the tokens of partition ``k`` (timm's order: partitions and tokens row-major)."""
+    h, w = grid
+    if kind == "attn_block":
+        wr, wc = divmod(k, w // p)
+        return [(wr * p + i) * w + wc * p + j for i in range(p) for j in range(p)]
+    gr, gc = divmod(k, w // p)
+    return [(i * (h // p) + gr) * w + j * (w // p) + gc for i in range(p) for j in range(p)]
+
+
+def test_maxvit_block_and_grid_attention_are_placed_on_their_stage_grid_and_pooled_to_the_tap(vlms):
+    """Each window's probabilities land on its tokens' places: rows are distributions whose support is the query's
+    window (block) or dilated group (grid); finer stages are pooled onto the tap grid; capturing changes nothing."""
+    from toolkit.interpret.attention import capture_attention, pool_to_grid, stage_attention
+
     bb = vlms["maxvit-test"].backbone
-    att = backbone_attention(bb, _tokens(vlms["maxvit-test"])[0])
-    assert att.layers == {} and att.rollout() is None and att.query_maps((0, 0)) == {}
-    assert set(att.skipped) == {name for name, _ in bb.attention_modules()}
+    pixels, tokens, grid = _tokens(vlms["maxvit-test"])
+    fused = [m.fused_attn for _, m in bb.attention_modules()]
+    with capture_attention(bb) as captured, torch.no_grad():
+        bb(pixels[None])
+    layouts = bb.attention_layouts(tuple(pixels.shape[-2:]))
+    att = backbone_attention(bb, pixels)
+    names = [name for name, _ in bb.attention_modules()]
+    assert list(att.layers) == names and not att.skipped and list(layouts) == names
+    assert [layouts[n].grid for n in names] == [(16, 16)] * 2 + [(8, 8)] * 2 + [(4, 4)] * 2  # stages 1-3, 64 px
+    for name in names:
+        kind, lay, probs = name.split(".")[-2], layouts[name], captured[name]
+        p = bb.cfg.img_size // 32  # MaxViT's window and grid side
+        n = lay.grid[0] * lay.grid[1]
+        full = stage_attention(probs, lay)
+        assert full.shape == (n, n) and torch.allclose(full.sum(-1), torch.ones(n), atol=1e-5)
+        assert torch.equal(full > 0, _support(kind, lay.grid, p))
+        k = probs.shape[0] // 2 + 1  # one window, away from the first
+        idx = torch.tensor(_window_tokens(kind, lay.grid, p, k))
+        assert torch.allclose(full[idx][:, idx], probs[k].float().mean(0), atol=1e-6)
+        a = att.layers[name]
+        assert a.shape == (16, 16) and torch.allclose(a.sum(-1), torch.ones(16), atol=1e-5)
+        assert torch.allclose(a, pool_to_grid(full, lay.grid, grid), atol=1e-6)
+        f = lay.grid[0] // grid[0]  # tap cell (1, 2) from tap cell (2, 0): mean over its queries of the keys' sum
+        hs, ws = lay.grid
+        q = [(1 * f + i) * ws + 2 * f + j for i in range(f) for j in range(f)]
+        kk = [(2 * f + i) * ws + 0 * f + j for i in range(f) for j in range(f)]
+        assert torch.allclose(a[1 * 4 + 2, 2 * 4 + 0], full[q][:, kk].sum(1).mean(), atol=1e-6)
+    assert [m.fused_attn for _, m in bb.attention_modules()] == fused  # restored
+    assert torch.allclose(bb(pixels[None]), tokens, atol=1e-5)
+    r = att.rollout()
+    assert r.shape == (16, 16) and torch.allclose(r.sum(-1), torch.ones(16), atol=1e-5)
+    maps = att.query_maps((1, 2))
+    assert set(maps) == {*names, "rollout"} and all(m.shape == grid for m in maps.values())
+
+
+def test_mambavision_attention_is_captured_and_placed_through_its_padded_windows():
+    """The non-fused path's probabilities, @ v and through proj, reproduce the fused module's output; on a 3x3 grid
+    with 2x2 windows (padded to 4x4) each real token attends over the real tokens of its window only."""
+    from toolkit.interpret.attention import capture_attention, stage_attention
+    from toolkit.registry import create_backbone
+
+    torch.manual_seed(0)
+    bb = create_backbone("mambavision-test", img_size=48).eval()
+    pixels = torch.randn(3, 48, 48)
+    ((name, attn),) = bb.attention_modules()
+    seen = {}
+    hooks = [attn.qkv.register_forward_hook(lambda m, i, o: seen.__setitem__("qkv", o)),
+             attn.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o))]
+    with torch.no_grad():
+        tokens = bb(pixels[None])
+        fused_out = seen["out"]
+        with capture_attention(bb) as captured:
+            assert torch.allclose(bb(pixels[None]), tokens, atol=1e-5)
+    for h in hooks:
+        h.remove()
+    assert attn.fused_attn  # restored
+    probs = captured[name]  # (windows, heads, n, n)
+    b, n, _ = seen["qkv"].shape
+    v = seen["qkv"].view(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)[2]
+    out = attn.proj((probs @ v).transpose(1, 2).reshape(b, n, -1))
+    assert torch.allclose(out, fused_out, atol=1e-5)
+
+    lay = bb.attention_layouts((48, 48))[name]
+    assert lay.grid == bb.grid((48, 48)) == (3, 3) and lay.index.shape == (4, 4)
+    full = stage_attention(probs, lay)
+    assert torch.allclose(full.sum(-1), torch.ones(9), atol=1e-5)
+    r, c = torch.arange(3).repeat_interleave(3), torch.arange(3).repeat(3)
+    window = (r // 2) * 2 + c // 2  # window of each real token on the 4x4 padded grid
+    assert torch.equal(full > 0, window[:, None] == window[None])
+    k, real = 1, [2, 5]  # the top-right window: real tokens (0, 2) and (1, 2), local 0 and 2; local 1, 3 are padding
+    a = probs[k].float().mean(0)[[0, 2]][:, [0, 2]]
+    assert torch.allclose(full[real][:, real], a / a.sum(-1, keepdim=True), atol=1e-6)
+    att = backbone_attention(bb, pixels)
+    assert list(att.layers) == [name] and not att.skipped and torch.allclose(att.layers[name], full, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", RUN_BACKBONES)
@@ -117,15 +215,20 @@ def test_compare_runs_every_family_and_tabulates(vlms):
         assert a.similarity.mean.shape == a.grid and a.lm_attention.mean().shape == a.grid
         assert a.iou == (float(box_iou(torch.tensor(a.grounding.box_pixels), torch.tensor([4., 4., 18., 18.])))
                          if a.grounding.valid else 0.0)
-    assert res["maxvit-test"].attention == {} and res["maxvit-test"].scan_paths == {}
+    names = [name for name, _ in vlms["maxvit-test"].backbone.attention_modules()]  # block and grid attention
+    assert list(res["maxvit-test"].attention) == [*names, "rollout"] and res["maxvit-test"].scan_paths == {}
     table = results_table(res)
     assert list(table.backbone) == list(RUN_BACKBONES) and list(table.columns) == ["backbone", "answer", "valid",
                                                                                     "box", "iou", "backbone_map"]
-    # a family without a map says why, in the table and the figure: MaxViT's block and grid attention is windowed
     maps = dict(zip(table.backbone, table.backbone_map))
-    assert maps["maxvit-test"].startswith("windowed or off-grid attention (") and "modules)" in maps["maxvit-test"]
-    assert res["maxvit-test"].no_map_reason() == maps["maxvit-test"] and res["vit-test"].no_map_reason() is None
-    assert maps["vit-test"].startswith("attention")
+    assert maps["maxvit-test"] == maps["vit-test"] == "attention rollout"
+    assert res["maxvit-test"].no_map_reason() is None and res["vit-test"].no_map_reason() is None
+    # a family without a map says why, in the table: the distinct reasons, each with its module count
+    why = {"stages.0.blocks.0.attn_block.attn": "windowed or off-grid attention: 4 row(s)",
+           "stages.0.blocks.0.attn_grid.attn": "windowed or off-grid attention: 4 row(s)"}
+    bare = dataclasses.replace(res["maxvit-test"], attention={}, skipped=why)
+    assert bare.no_map_reason() == "windowed or off-grid attention (2 modules)"
+    assert results_table({"maxvit-test": bare}).backbone_map[0] == bare.no_map_reason()
 
 
 def _bomb_png(side: int = 20000) -> bytes:

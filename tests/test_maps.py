@@ -22,11 +22,9 @@ from toolkit.interpret.scores import curve_auc
 from toolkit.vlm import VLM
 from toolkit.viz.overlays import cell_box, map_on_original
 
-BACKBONES = RUN_BACKBONES + ("mambavision-test",)  # + a family whose scans are 1-D and attention unhooked
+BACKBONES = RUN_BACKBONES + ("mambavision-test",)  # + a family whose scans are 1-D and attention is windowed
 # (map type, backbone) -> a phrase of the reason it has no map; every other pair must give one
-UNAVAILABLE = {("backbone_attention", "maxvit-test"): "windowed or off-grid attention",
-               ("backbone_attention", "vmamba-test"): "no attention modules",
-               ("backbone_attention", "mambavision-test"): "no non-fused path",
+UNAVAILABLE = {("backbone_attention", "vmamba-test"): "no attention modules",
                ("scan_path", "vit-test"): "no scan modules", ("scan_path", "maxvit-test"): "no scan modules",
                ("scan_path", "mambavision-test"): "scan inputs are not 2-D"}
 SCENE = scene_image((64, 32))
@@ -307,7 +305,7 @@ def test_analyze_command_scores_a_world_split_and_resumes(world_run, monkeypatch
             assert set(saved.files) == have and all(saved[m].ndim == 2 for m in have)
     assert len(calls) == 2 * 2 * len(RUN_BACKBONES)  # per sample: the answer, then every deletion row in one call
     summary = (out / "summary.md").read_text()
-    assert "- maxvit-test: `backbone_attention`: windowed or off-grid attention" in summary
+    assert "- maxvit-test: `scan_path`: " in summary and "- maxvit-test: `backbone_attention`" not in summary
     csv = (out / "summary.csv").read_text().splitlines()
     assert csv[0] == "backbone,task,split,metric,value,n,ci_low,ci_high"
     assert any(line.startswith("vit-test,backbone_attention,val,deletion_auc,") and ",2," in line for line in csv)

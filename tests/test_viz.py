@@ -48,8 +48,7 @@ def test_side_by_side_has_a_row_per_backbone_and_scores_in_titles(analyses):
     assert sum(t.type == "image" for t in fig.data) == 4 * len(analyses)
     dashed = [s for s in fig.layout.shapes if s.line.dash == "dash"]
     assert len(dashed) == len(analyses)  # the ground-truth box in each row
-    assert titles[4 * list(analyses).index("maxvit-test") + 3] == \
-        "no backbone map:<br>windowed or off-grid attention (6 modules)"  # the reason, not just a count
+    assert titles[4 * list(analyses).index("maxvit-test") + 3] == "attention rollout"  # block + grid attention
     maps = [t for t in fig.data if t.type == "heatmap"]
     assert maps and all(t.showscale and 0 < t.colorbar.x <= 1 and 0 < t.colorbar.y < 1 for t in maps)
     assert len({(round(t.colorbar.x, 3), round(t.colorbar.y, 3)) for t in maps}) == len(maps)  # one scale per panel
@@ -107,7 +106,7 @@ def test_explorer_gallery_follows_its_menus_and_a_click_and_exports(tiny_run, tm
     ui.controls["module"].value = "blocks.1.attn"
     assert ui.gallery.options == {"module": "blocks.1.attn", "query": "box-centre"}
     before = ui.gallery.maps["vit-test"]
-    assert "windowed" in ui.gallery.unavailable["maxvit-test"] and "windowed" in ui.gallery_status.value
+    assert "does not apply" in ui.gallery.unavailable["maxvit-test"] and "maxvit-test" in ui.gallery_status.value
     # a click as the browser sends it to the FigureWidget: on the vit-test panel's map, at pixel (6, 22)
     fw = ui.gallery_figure
     heatmap = next(i for i, t in enumerate(fw.data) if t.type == "heatmap" and t.xaxis == "x2")

@@ -42,6 +42,16 @@ class LoadReport:
     renamed: int = 0
 
 
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where a partitioned (windowed) attention module's tokens sit: the stage's token grid ``(H, W)`` and, per
+    partition in the order the module sees them (one image), the row-major flat index on that grid of each of its
+    tokens in order; -1 marks padding tokens that exist only inside the partition. ``index``: ``(windows, n)``."""
+
+    grid: tuple[int, int]
+    index: torch.Tensor
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint's keys or shapes do not fit the model; the message lists the offending keys."""
 
@@ -79,6 +89,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
     def attention_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """Self-attention modules whose attention maps the analysis may capture (name, module)."""
         return iter(())
+
+    def attention_layouts(self, img_size: tuple[int, int] | None = None) -> dict[str, TokenLayout]:
+        """``TokenLayout`` of the attention modules that run over partitions of a stage's token grid (windows, dilated
+        grids), for an input of ``img_size``; modules absent here attend globally over the tap grid's tokens."""
+        return {}
 
     def scan_modules(self) -> Iterator[tuple[str, nn.Module]]:
         """Selective-scan (SS2D) modules whose scan paths the analysis may compute (name, module)."""

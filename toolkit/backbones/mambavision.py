@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
-from toolkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig
+from toolkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig, TokenLayout
 from toolkit.registry import register_backbone
 from toolkit_kernels import selective_scan_fn
 
@@ -125,19 +125,26 @@ class MambaVisionMixer(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention on ``(B, N, C)`` (one window per batch row); timm's attribute names."""
+    """Multi-head self-attention on ``(B, N, C)`` (one window per batch row); timm's attribute names and switch:
+    ``fused_attn`` (default) runs SDPA, ``False`` the explicit ``softmax(q k^T * scale)`` path, whose probabilities
+    pass through ``attn_drop`` (an identity, no parameters: the hook point attention maps read)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.scale = self.head_dim ** -0.5  # SDPA's default; kept for analysis that recomputes the maps from qkv
+        self.scale = self.head_dim ** -0.5  # SDPA's default
+        self.fused_attn = True
         self.qkv = nn.Linear(dim, dim * 3)
+        self.attn_drop = nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, N, hd) each
-        x = F.scaled_dot_product_attention(q, k, v)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)) @ v
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
@@ -232,8 +239,11 @@ class MambaVisionBackbone(Backbone):
         return self.norm(x).mean(dim=(2, 3))  # (B, C_last), what the official head sees
 
     def grid(self, img_size: tuple[int, int] | None = None) -> tuple[int, int]:
+        return self._stage_grid(self.cfg.tap_stage, img_size)
+
+    def _stage_grid(self, stage: int, img_size: tuple[int, int] | None = None) -> tuple[int, int]:
         h, w = img_size or self.data_config.img_size
-        for _ in range(2 + self.cfg.tap_stage):  # two stride-2 stem convs, then one stride-2 conv per stage
+        for _ in range(2 + stage):  # two stride-2 stem convs, then one stride-2 conv per stage
             h, w = (h + 1) // 2, (w + 1) // 2
         return h, w
 
@@ -248,6 +258,18 @@ class MambaVisionBackbone(Backbone):
 
     def attention_modules(self) -> Iterator[tuple[str, nn.Module]]:
         return self._mixers(Attention)
+
+    def attention_layouts(self, img_size: tuple[int, int] | None = None) -> dict[str, TokenLayout]:
+        """Attention blocks run on ``window_size`` windows of their stage's grid, zero-padded right and bottom to
+        whole windows (the padding tokens are -1 in the index); the index is ``window_partition`` of the token
+        numbers, as ``MambaVisionLayer.forward_blocks`` partitions the features."""
+        out = {}
+        for name, _ in self.attention_modules():
+            i = int(name.split(".")[1])
+            (h, w), ws = self._stage_grid(i, img_size), self.levels[i].window_size
+            ids = F.pad(torch.arange(h * w).view(1, 1, h, w), (0, -w % ws, 0, -h % ws), value=-1)
+            out[name] = TokenLayout((h, w), window_partition(ids, ws)[..., 0])
+        return out
 
     def convert_state_dict(self, state_dict):
         # Files saved from a DistributedDataParallel model carry a "module." prefix; the official loader strips it.

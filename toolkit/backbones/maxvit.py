@@ -11,9 +11,9 @@ from typing import Iterator
 
 import torch
 import torch.nn as nn
-from timm.models.maxxvit import MaxxVit, model_cfgs
+from timm.models.maxxvit import MaxxVit, grid_partition, model_cfgs, window_partition
 
-from toolkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig
+from toolkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig, TokenLayout
 from toolkit.registry import register_backbone
 
 
@@ -57,8 +57,11 @@ class MaxViTBackbone(Backbone):
         return self.model(images)  # (B, C_last): avg pool -> norm -> pre-logits (fc + tanh), as the classifier sees it
 
     def grid(self, img_size: tuple[int, int] | None = None) -> tuple[int, int]:
+        return self._stage_grid(self.cfg.tap_stage, img_size)
+
+    def _stage_grid(self, stage: int, img_size: tuple[int, int] | None = None) -> tuple[int, int]:
         h, w = img_size or self.data_config.img_size
-        for _ in range(self.cfg.tap_stage + 2):  # stride-2 stem, then one stride 2 per stage ('same' padding: ceil)
+        for _ in range(stage + 2):  # stride-2 stem, then one stride 2 per stage ('same' padding: ceil)
             h, w = (h + 1) // 2, (w + 1) // 2
         return h, w
 
@@ -68,6 +71,26 @@ class MaxViTBackbone(Backbone):
             for j, blk in enumerate(self.model.stages[i].blocks):
                 yield f"stages.{i}.blocks.{j}.attn_block.attn", blk.attn_block.attn
                 yield f"stages.{i}.blocks.{j}.attn_grid.attn", blk.attn_grid.attn
+
+    def attention_layouts(self, img_size: tuple[int, int] | None = None) -> dict[str, TokenLayout]:
+        """Block attention runs on non-overlapping p x p windows of its stage's grid, grid attention on the p x p
+        groups of a dilated grid (tokens H/p apart); the index comes from timm's own ``window_partition`` /
+        ``grid_partition`` applied to the stage grid's token numbers. Stages whose grid the partition does not
+        divide (the model itself would refuse to run) are left out."""
+        out = {}
+        for i in range(self.cfg.tap_stage + 1):
+            h, w = self._stage_grid(i, img_size)
+            ids = torch.arange(h * w).view(1, h, w, 1)  # channels-last, as the partition functions take it
+            for j, blk in enumerate(self.model.stages[i].blocks):
+                for kind, part in (("attn_block", blk.attn_block), ("attn_grid", blk.attn_grid)):
+                    if part is None:
+                        continue
+                    p = tuple(part.partition_size)
+                    if h % p[0] or w % p[1]:
+                        continue
+                    fn = window_partition if part.partition_block else grid_partition
+                    out[f"stages.{i}.blocks.{j}.{kind}.attn"] = TokenLayout((h, w), fn(ids, p).reshape(-1, p[0] * p[1]))
+        return out
 
     def convert_state_dict(self, state_dict):
         from timm.models.maxxvit import checkpoint_filter_fn

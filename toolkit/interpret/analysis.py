@@ -55,7 +55,7 @@ class Analysis:
 
     def no_map_reason(self) -> str | None:
         """Why ``backbone_map`` is None, in one line (None when there is a map): the distinct reasons the backbone's
-        modules were skipped (e.g. MaxViT's windowed attention), each with its module count."""
+        modules were skipped (e.g. ViTDet's windowed attention, which has no layout), each with its module count."""
         if self.backbone_map() is not None:
             return None
         if not self.skipped:

@@ -3,8 +3,10 @@
 Backbone attention is captured, not recomputed: each module runs its own non-fused path (``fused_attn=False``)
 and a forward hook on its ``attn_drop`` reads the probabilities it is about to use. That path already holds every
 variant's details (relative-position bias in MaxViT, q/k norms, masks, scale), which recomputing q·k from the
-``qkv`` weights would have to re-implement per family. Modules without that hook point, and windowed attention
-(whose window layout is not part of the feature contract, so its maps cannot be placed on the grid), are skipped
+``qkv`` weights would have to re-implement per family. Partitioned attention (MaxViT's block and grid attention,
+MambaVision's windows) is placed with the backbone's ``attention_layouts()``: each window's probabilities go back to
+their tokens' places in an ``(N, N)`` matrix over that stage's grid (zero between windows), which is then pooled
+onto the tap grid. Modules without the hook point, and windowed attention without a layout (ViTDet's), are skipped
 with a reason. Families without attention modules give an empty result.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from toolkit.backbones.base import TokenLayout
 from toolkit.vlm import IGNORE_INDEX
 
 
@@ -28,8 +31,8 @@ class BackboneAttention:
 
     def rollout(self) -> torch.Tensor | None:
         """``rollout`` of the captured layers: (N, N) or None. Row i says how much each input patch flows into
-        patch i's token through the captured layers (the global ones only, where a family mixes windowed and global
-        attention)."""
+        patch i's token through the captured layers (those placed on the grid only: where a family has windowed
+        attention without a layout, the global ones)."""
         return rollout(list(self.layers.values())) if self.layers else None
 
     def query_maps(self, query: tuple[int, int], rollout: bool = True) -> dict[str, torch.Tensor]:
@@ -90,22 +93,67 @@ def capture_attention(backbone) -> Iterator[dict[str, object]]:
             mod.fused_attn = fused
 
 
-def place_on_grid(captured: dict[str, object], grid: tuple[int, int]) -> BackboneAttention:
-    """Keep the maps of one image that are global over the tap grid: one row and ``n = h*w + p`` tokens, the
-    ``p`` prefix tokens first (timm's layout, ``p < min(h, w)``). Windowed attention has one row per window or
-    another token count and is skipped."""
+def stage_attention(probs: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Partitioned attention ``(windows, heads, n, n)`` of one image -> ``(H*W, H*W)`` over the stage grid
+    ``layout.grid``, heads averaged: each window's block at its tokens' places, zeros between tokens of different
+    windows. Padding tokens (index -1) are dropped as queries and as keys; rows are renormalised over the real
+    tokens (a padded window's real tokens gave some of their attention to the padding)."""
+    h, w = layout.grid
+    n = h * w
+    idx = layout.index.to(probs.device).clone()
+    idx[idx < 0] = n  # one spare row/column collects the padding, then goes
+    full = torch.zeros(n + 1, n + 1, device=probs.device)
+    full[idx[:, :, None], idx[:, None, :]] = probs.float().mean(1)
+    full = full[:n, :n]
+    return full / full.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def pool_to_grid(a: torch.Tensor, stage_grid: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """``(H*W, H*W)`` attention over a stage grid -> ``(h*w, h*w)`` over the coarser tap grid, ``H = f h`` and
+    ``W = g w`` for integers ``f, g``: each tap cell covers an ``f x g`` block of stage tokens; its row is the
+    average of their rows (queries) and its column the sum of their columns (keys), so rows stay distributions.
+    (Average-pooling rows and columns by the integer factor, then renormalising the rows, is the same.)"""
+    (hs, ws), (h, w) = stage_grid, grid
+    f, g = hs // h, ws // w
+    a = a.reshape(h, f, w, g, hs * ws).mean((1, 3))  # (h, w, H*W): queries pooled
+    return a.reshape(h * w, h, f, w, g).sum((2, 4)).reshape(h * w, h * w)  # keys pooled
+
+
+def place_on_grid(captured: dict[str, object], grid: tuple[int, int],
+                  layouts: dict[str, TokenLayout] | None = None) -> BackboneAttention:
+    """Keep the maps of one image that can be placed on the tap grid.
+
+    A module with a ``TokenLayout`` (``layouts``, from the backbone's ``attention_layouts``) must have one row per
+    window of it; ``stage_attention`` places them on the stage grid, and ``pool_to_grid`` pools that onto the tap
+    grid when the stage is finer by an integer factor. Any other module must be global: one row and
+    ``n = h*w + p`` tokens, the ``p`` prefix tokens first (timm's layout, ``p < min(h, w)``). The rest (windowed
+    attention without a layout, a stage grid coarser than the tap's or not a multiple of it) is skipped."""
     h, w = grid
+    layouts = layouts or {}
     layers, skipped = {}, {}
     for name, probs in captured.items():
         if isinstance(probs, str):
             skipped[name] = probs
             continue
         b, _, n, _ = probs.shape
-        p = n - h * w
-        if b != 1 or not 0 <= p < min(h, w):
-            skipped[name] = f"windowed or off-grid attention: {b} row(s) of {n} tokens, not 1 of {h}x{w} (+ prefix)"
-            continue
-        a = probs[0].float().mean(0)[p:, p:]  # (N, N), heads averaged, prefix dropped
+        if name in layouts:
+            lay = layouts[name]
+            (hs, ws), nw = lay.grid, lay.index.shape[0]
+            if (b, n) != (nw, lay.index.shape[1]):
+                skipped[name] = f"partitioned attention off its layout: {b} window(s) of {n} tokens, not {nw} of " \
+                                f"{lay.index.shape[1]}"
+                continue
+            if hs % h or ws % w:
+                skipped[name] = f"stage grid off the tap grid: {hs}x{ws} is not a multiple of {h}x{w}"
+                continue
+            a = pool_to_grid(stage_attention(probs, lay), lay.grid, grid)
+        else:
+            p = n - h * w
+            if b != 1 or not 0 <= p < min(h, w):
+                skipped[name] = f"windowed or off-grid attention: {b} row(s) of {n} tokens, not 1 of {h}x{w} " \
+                                "(+ prefix)"
+                continue
+            a = probs[0].float().mean(0)[p:, p:]  # (N, N), heads averaged, prefix dropped
         layers[name] = (a / a.sum(-1, keepdim=True).clamp_min(1e-12)).cpu()
     return BackboneAttention(layers, grid, skipped)
 
@@ -113,9 +161,10 @@ def place_on_grid(captured: dict[str, object], grid: tuple[int, int]) -> Backbon
 @torch.no_grad()
 def backbone_attention(backbone, pixels: torch.Tensor) -> BackboneAttention:
     """Attention of every attention module for one normalised image ``pixels (3, H, W)``."""
+    size = tuple(pixels.shape[-2:])
     with capture_attention(backbone) as captured:
         backbone(pixels[None])
-    return place_on_grid(captured, backbone.grid(tuple(pixels.shape[-2:])))
+    return place_on_grid(captured, backbone.grid(size), backbone.attention_layouts(size))
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,8 @@ def capture(vlm: VLM, pixels: torch.Tensor) -> Capture:
     grid = vlm.backbone.grid(tuple(pixels.shape[-2:]))
     with capture_attention(vlm.backbone) as att, capture_scan_inputs(vlm.backbone) as scan_inputs:
         tokens = vlm.encode_images(pixels[None])  # (1, N, C_vis)
-    return Capture(vlm, pixels, grid, tokens, place_on_grid(att, grid), dict(scan_inputs))
+    layouts = vlm.backbone.attention_layouts(tuple(pixels.shape[-2:]))
+    return Capture(vlm, pixels, grid, tokens, place_on_grid(att, grid, layouts), dict(scan_inputs))
 
 
 def probe(vlm: VLM) -> Capture:
