@@ -246,18 +246,17 @@ def top1_vs_grounding(df: pd.DataFrame):
 def _save_figures(figures: Iterable, out_dir: Path, formats: Sequence[str] = ("html", "png")) -> list[Path]:
     """(figure, file stem) pairs -> ``out_dir/<stem>.<format>``; image export (png, pdf, svg through kaleido) is
     skipped, with one message, once it fails (no browser for kaleido), since it would fail for every figure."""
-    from toolkit.viz.figures import save_figure
+    from toolkit.viz.figures import save_figure_as
 
     written, image_error = [], None
+    html = [f for f in formats if f == "html"]
+    images = [f for f in formats if f != "html"]
     for fig, stem in figures:
-        for fmt in formats:
-            if fmt != "html" and image_error is not None:
-                continue
-            try:
-                written.append(save_figure(fig, out_dir / f"{stem}.{fmt}"))
+        written += save_figure_as(fig, out_dir / stem, html)
+        if images and image_error is None:
+            try:  # every image format of a figure through one kaleido call
+                written += save_figure_as(fig, out_dir / stem, images)
             except Exception as e:  # the HTML still holds the figure
-                if fmt == "html":
-                    raise
                 image_error = e
     if image_error is not None:
         reason = (str(image_error).splitlines() or [""])[0]
