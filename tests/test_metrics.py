@@ -88,3 +88,38 @@ def test_report_keeps_numbers_in_csv_and_intervals_in_markdown(tmp_path):
     assert all(pd.api.types.is_float_dtype(csv[c]) for c in ("value", "ci_low", "ci_high"))
     md = (tmp_path / "results.md").read_text()
     assert "0.300 [" in md and "## Collapse diagnostics" in md
+
+
+def _ground(image, pred, gt, dataset="refcoco"):
+    from toolkit.boxes import box_iou
+    import torch
+
+    iou = float(box_iou(torch.tensor(pred, dtype=torch.float32), torch.tensor(gt, dtype=torch.float32)))
+    return dict(dataset=dataset, image_path=image, valid=True, pred_box=pred, gt_box=gt, iou=iou, correct=iou >= 0.5)
+
+
+def test_object_choice_separates_finding_an_object_from_reading_the_expression():
+    from toolkit.eval.evaluate import object_choice, object_choice_chance
+    from toolkit.report import choice_flags
+
+    a, b, c = (0, 0, 10, 10), (20, 20, 30, 30), (40, 0, 50, 10)
+    objects = {"two.png": [a, b], "three.png": [a, b, c], "one.png": [a]}
+    rows = [_ground("two.png", a, a),            # right object
+            _ground("two.png", b, a),            # an object, the wrong one
+            _ground("three.png", (60, 60, 70, 70), c),  # no object at all
+            _ground("three.png", c, c),
+            _ground("one.png", b, a)]            # one-object scenes are left out
+    got = {r["metric"]: r for r in object_choice("m", rows, objects)}
+    assert got["on_object"]["value"] == pytest.approx(3 / 4) and got["on_object"]["n"] == 4
+    assert got["right_object"]["value"] == pytest.approx(2 / 3) and got["right_object"]["n"] == 3
+    missed = object_choice("m", [_ground("two.png", (60, 60, 70, 70), a)], objects)
+    assert [r["metric"] for r in missed] == ["on_object"]  # no boxed object: no choice to score
+    refs = [SimpleNamespace(image_path=p, dataset="refcoco") for p in ("two.png", "three.png", "one.png")]
+    (chance,) = object_choice_chance(refs, objects)
+    assert chance["value"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    # an interval that reaches chance is flagged; one above it is not
+    df = results_frame([dict(chance), dict(got["right_object"], ci_low=0.3, ci_high=0.9),
+                        dict(got["right_object"], backbone="good", ci_low=0.6, ci_high=0.9)])
+    (line, _) = choice_flags(df)
+    assert "m box(es)" in line and "good" not in line
+    assert "Scenes with 2+ objects: of those, the object the expression names" in summary_tables(df)

@@ -17,7 +17,8 @@ import torch
 
 from toolkit.config import ExperimentConfig, split_spec, split_vlm_spec, validate
 from toolkit.connector import connector_depth
-from toolkit.eval.evaluate import (evaluate_grounding, evaluate_vqa, grounding_baselines, grounding_monitor, summarize,
+from toolkit.eval.evaluate import (evaluate_grounding, evaluate_vqa, grounding_baselines, grounding_monitor,
+                                   object_choice, object_choice_chance, summarize,
                                    vqa_baselines)
 from toolkit.eval.metrics import metric_row
 from toolkit.eval.reliance import image_reliance
@@ -201,13 +202,14 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     order = torch.randperm(len(val_turns), generator=torch.Generator().manual_seed(cfg.train.seed))
     val_turns = [val_turns[int(i)] for i in order[: cfg.eval.max_reliance]]
     rows = []
+    objects_of = scene_objects(world.root, "val")
     for name in cfg.backbones:
         g, q, rel = _evaluate_cached(run.vlm(name), refs, vqa, (val_images, val_turns), world.root, cfg,
                                      device, VQA_PROMPT)
-        rows += summarize(name, g, q)
+        rows += summarize(name, g, q) + object_choice(name, g, objects_of)
         rows += [metric_row(name, "reliance", "val", k, float(v), len(val_turns)) for k, v in rel.items()]
     train_refs = [r for s in STYLES for r in load_refcoco(world.root, s, "train")]
-    rows += grounding_baselines(train_refs, refs, scene_objects(world.root, "val"))
+    rows += grounding_baselines(train_refs, refs, objects_of) + object_choice_chance(refs, objects_of)
     rows += vqa_baselines(load_vqa_split(world.root, "train"), vqa)
     for name, rec in pre.items():
         if rec["top1"] is not None:  # None: weights given, not pretrained here

@@ -18,6 +18,9 @@ RELIANCE_METRICS = ["loss_true", "loss_shuffled", "loss_gain", "token_acc_true",
 SCORE_TABLES = (("Grounding Acc@IoU>=0.5", "grounding", "acc@0.5", True),
                 ("Grounding mean IoU", "grounding", "mean_iou", True),
                 ("Grounding invalid-answer rate", "grounding", "invalid_rate", False),
+                ("Scenes with 2+ objects: answers that box some object", "grounding", "on_object", True),
+                ("Scenes with 2+ objects: of those, the object the expression names", "grounding", "right_object",
+                 True),
                 ("VQA exact-match accuracy", "vqa", "accuracy", True),
                 ("Backbone pretraining top-1 (classification set)", "pretrain", "top1", False),
                 ("Dense-task tuning: segmentation mIoU (val scenes)", "dense", "miou", False))
@@ -69,6 +72,7 @@ def write_report(run_dir: Path, rows: Sequence[dict], pretrain: dict, cfg, figur
              f"Backbones: {', '.join(cfg.backbones)}; connector {cfg.connector}; "
              "rows named `chance:*` are model-free baselines.", ""]
     lines += reliance_flags(df)
+    lines += choice_flags(df)
     for title, table in summary_tables(df).items():
         lines += [f"## {title}", "", table.to_markdown(floatfmt=".3f"), ""]
     if figures:
@@ -80,6 +84,20 @@ def write_report(run_dir: Path, rows: Sequence[dict], pretrain: dict, cfg, figur
                   "PNGs are written only where a Chromium was found (see the run's log).", ""]
     RunDir(run_dir).results_md.write_text("\n".join(lines))
     return df
+
+
+def choice_flags(df: pd.DataFrame) -> list[str]:
+    """Report lines naming every VLM that boxes objects but not the one its expression names: its
+    ``right_object`` interval reaches the random-object chance on some split (see eval.evaluate.object_choice)."""
+    rows = df[(df.task == "grounding") & (df.metric == "right_object")]
+    chance = rows[rows.backbone == "chance:random-object"].set_index("split").value
+    blind = sorted({r.backbone for r in rows.itertuples() if not r.backbone.startswith("chance:")
+                    and r.split in chance and not pd.isna(r.ci_low) and r.ci_low <= chance[r.split]})
+    if not blind:
+        return []
+    return [f"**Flagged: {', '.join(blind)} box(es) an object but not reliably the one named**: on some split, the "
+            "share of right objects among the boxed ones is within noise of picking one at random (mean 1/n): "
+            "the LM localises without reading the expression.", ""]
 
 
 def reliance_flags(df: pd.DataFrame) -> list[str]:

@@ -124,6 +124,41 @@ def grounding_baselines(train_records: Sequence, val_records: Sequence, objects_
     return out
 
 
+def object_choice(backbone: str, grounding: Sequence[dict], objects_of: dict) -> list[dict]:
+    """Does the VLM pick the object the expression names, or just an object? On the expressions about scenes with
+    two or more objects, per split: ``on_object``, the share of answers that box some object (IoU >= 0.5 with any
+    of the scene's boxes), and ``right_object``, the share of those that box the referred one. A VLM that localises
+    objects but ignores the expression scores ``right_object`` near ``chance:random-object``'s mean 1/n; the
+    backbone alone cannot lift it, because choosing among objects is the LM's reading of the expression."""
+    by_ds: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+    for r in grounding:
+        boxes = objects_of.get(str(r["image_path"]), [])
+        if len(boxes) < 2:
+            continue
+        hit = r["valid"] and bool((box_iou(torch.tensor(boxes, dtype=torch.float32),
+                                           torch.tensor(r["pred_box"], dtype=torch.float32)[None])
+                                   >= IOU_THRESHOLD).any())
+        by_ds[r["dataset"]].append((hit, bool(r["correct"])))
+    out = []
+    for ds, pairs in sorted(by_ds.items()):
+        out.append(metric_row(backbone, "grounding", ds, "on_object", [h for h, _ in pairs]))
+        right = [c for h, c in pairs if h]
+        if right:  # undefined when no answer boxes an object
+            out.append(metric_row(backbone, "grounding", ds, "right_object", right))
+    return out
+
+
+def object_choice_chance(val_records: Sequence, objects_of: dict) -> list[dict]:
+    """``chance:random-object``'s ``right_object``: the mean of 1/n over the expressions about scenes with n >= 2
+    objects (the share a perfect detector that ignores the expression gets right)."""
+    by_ds = defaultdict(list)
+    for r in val_records:
+        n = len(objects_of.get(str(r.image_path), []))
+        if n >= 2:
+            by_ds[r.dataset].append(1.0 / n)
+    return [metric_row("chance:random-object", "grounding", ds, "right_object", v) for ds, v in sorted(by_ds.items())]
+
+
 def vqa_baselines(train_records: Sequence, val_records: Sequence) -> list[dict]:
     """``chance:majority``: the most frequent training answer of each question type."""
     counts: dict[str, Counter] = defaultdict(Counter)
