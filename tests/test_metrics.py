@@ -99,7 +99,7 @@ def _ground(image, pred, gt, dataset="refcoco"):
 
 
 def test_object_choice_separates_finding_an_object_from_reading_the_expression():
-    from toolkit.eval.evaluate import object_choice, object_choice_chance
+    from toolkit.eval.evaluate import grounding_baselines, object_choice
     from toolkit.report import choice_flags
 
     a, b, c = (0, 0, 10, 10), (20, 20, 30, 30), (40, 0, 50, 10)
@@ -114,8 +114,9 @@ def test_object_choice_separates_finding_an_object_from_reading_the_expression()
     assert got["right_object"]["value"] == pytest.approx(2 / 3) and got["right_object"]["n"] == 3
     missed = object_choice("m", [_ground("two.png", (60, 60, 70, 70), a)], objects)
     assert [r["metric"] for r in missed] == ["on_object"]  # no boxed object: no choice to score
-    refs = [SimpleNamespace(image_path=p, dataset="refcoco") for p in ("two.png", "three.png", "one.png")]
-    (chance,) = object_choice_chance(refs, objects)
+    refs = [SimpleNamespace(image_path=p, dataset="refcoco", box_xyxy=a, image_width=64, image_height=64)
+            for p in ("two.png", "three.png", "one.png")]
+    (chance,) = [r for r in grounding_baselines(refs, refs, objects) if r["metric"] == "right_object"]
     assert chance["value"] == pytest.approx((1 / 2 + 1 / 3) / 2)
     # an interval that reaches chance is flagged; one above it is not
     df = results_frame([dict(chance), dict(got["right_object"], ci_low=0.3, ci_high=0.9),

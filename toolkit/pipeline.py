@@ -18,8 +18,7 @@ import torch
 from toolkit.config import ExperimentConfig, split_spec, split_vlm_spec, validate
 from toolkit.connector import connector_depth
 from toolkit.eval.evaluate import (evaluate_grounding, evaluate_vqa, grounding_baselines, grounding_monitor,
-                                   object_choice, object_choice_chance, summarize,
-                                   vqa_baselines)
+                                   object_choice, summarize, vqa_baselines)
 from toolkit.eval.metrics import metric_row
 from toolkit.eval.reliance import image_reliance
 from toolkit.llm import TEMPLATES
@@ -93,19 +92,18 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     validate(cfg)
     d = distributed.current()
     run = RunDir(Path(runs_root) / cfg.name)
-    run_dir = run.root
     device = distributed.device_for(d, pick_device(cfg.device))
     seed_everything(cfg.train.seed)
 
     def prepare():
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run.root.mkdir(parents=True, exist_ok=True)
         _check_same_config(run.config, cfg)
         if d.main:
             cfg.save(run.config)
         return world_data(cfg, Path(cache_root))
 
     world = distributed.main_first(prepare)  # under torchrun the others read what rank 0 wrote
-    _log(f"run {run_dir} on {device}; backbones: {', '.join(cfg.backbones)}")
+    _log(f"run {run.root} on {device}; backbones: {', '.join(cfg.backbones)}")
     _log(f"scene world ready at {world.root}")
 
     # 1. matched backbone pretraining on the classification set, then dense-task tuning where a spec asks for it
@@ -191,7 +189,7 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         _log(f"trained VLM on {name}: {rec['steps']} steps in {rec['seconds']} s, final loss {rec['final_loss']}")
 
     if not d.main:
-        return dict(run_dir=run_dir, rows=[], pretrain=pre)
+        return dict(run_dir=run.root, rows=[], pretrain=pre)
 
     # 4. evaluation on val (cached per VLM and eval config), by rank 0 alone
     refs = [r for s in STYLES for r in load_refcoco(world.root, s, "val")[: cfg.eval.max_per_style]]
@@ -209,7 +207,7 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
         rows += summarize(name, g, q) + object_choice(name, g, objects_of)
         rows += [metric_row(name, "reliance", "val", k, float(v), len(val_turns)) for k, v in rel.items()]
     train_refs = [r for s in STYLES for r in load_refcoco(world.root, s, "train")]
-    rows += grounding_baselines(train_refs, refs, objects_of) + object_choice_chance(refs, objects_of)
+    rows += grounding_baselines(train_refs, refs, objects_of)
     rows += vqa_baselines(load_vqa_split(world.root, "train"), vqa)
     for name, rec in pre.items():
         if rec["top1"] is not None:  # None: weights given, not pretrained here
@@ -219,14 +217,14 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
 
     from toolkit.report import write_report
 
-    df = write_report(run_dir, rows, pre, cfg, figures=make_figures)
+    df = write_report(run.root, rows, pre, cfg, figures=make_figures)
     if make_figures:
         from toolkit.report import write_figures, write_result_figures
 
-        write_result_figures(run_dir, df)
-        write_figures(run_dir, refs, cfg)
+        write_result_figures(run.root, df)
+        write_figures(run.root, refs, cfg)
     _log(f"done in {time.time() - t_start:.0f} s; report: {run.results_md}")
-    return dict(run_dir=run_dir, rows=rows, pretrain=pre)
+    return dict(run_dir=run.root, rows=rows, pretrain=pre)
 
 
 def _build_lm_base(cfg: ExperimentConfig, turns: list[Turn], run: RunDir, device: torch.device) -> None:
