@@ -108,3 +108,9 @@ def test_bench_main_prints_a_table(capsys):
     printed = capsys.readouterr().out
     assert "maxvit-test" in printed and "N = 1" in printed and "infer_img_s" in printed
     assert _bench_module().embedded_names()[0] == "vit-scene-128"
+
+
+def test_bench_official_vmamba_needs_its_models_dir(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _bench_module().main(["--official-vmamba", str(tmp_path), "--names", "vit-test", "--quiet"])
+    assert "no vmamba.py there" in capsys.readouterr().err
