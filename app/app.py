@@ -2,7 +2,8 @@
 
 Three tabs. **Compare**: an image (upload, or a run's example), an expression, an optional ground-truth box and the
 backbones; the answers table, the side-by-side figure, and a map gallery (any registered map type for every
-backbone, its options as menus); downloads of the figure (PNG/SVG/PDF) and of the analysis (JSON). **Dataset**: a
+backbone, its options as menus, the query patch of backbone maps also chosen by a click on the image); downloads of
+the figure and of the gallery (PNG/SVG/PDF) and of the analysis (JSON). **Dataset**: a
 finished ``vlmtk analyze`` output: its scores, and its samples sorted by how differently two backbones ground them;
 a row opens in Compare. **Run**: the run's result tables and figures.
 
@@ -25,15 +26,15 @@ from pathlib import Path
 
 import gradio as gr
 
-from toolkit.interpret import (MAP_TYPES, analysis_scores, analyze_split, compare, example_images, find_analyses,
-                               format_pixel_box, gallery_maps, load_image, load_samples, no_analysis_message,
-                               option_controls, parse_options, parse_pixel_box, photo_examples, results_table,
-                               sample_example, sample_pairs)
+from toolkit.interpret import (MAP_TYPES, PixelPoint, analysis_scores, analyze_split, compare, example_images,
+                               find_analyses, format_pixel_box, gallery_maps, load_image, load_samples,
+                               no_analysis_message, option_controls, parse_options, parse_pixel_box, photo_examples,
+                               results_table, sample_example, sample_pairs)
 from toolkit.interpret.browse import SHOW
-from toolkit.interpret.explore import option_text
+from toolkit.interpret.explore import click_query, option_text
 from toolkit.report import load_results, reliance_flags, result_figures, summary_tables, tables_markdown
 from toolkit.runs import load_vlms
-from toolkit.viz import export_comparison, for_screen, map_gallery, side_by_side
+from toolkit.viz import export_comparison, export_gallery, for_screen, map_gallery, side_by_side
 
 FIGURE_FORMATS = ("png", "svg", "pdf")
 ANALYSE_LIMIT = 10  # samples the Dataset tab's button analyses
@@ -111,40 +112,72 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
         return (for_screen(side_by_side(analyses)), results_table(analyses),
                 f"Grounded with {len(analyses)} backbone(s).", analyses)
 
-    def gallery(analyses, name, values):
-        """The map gallery and the JSON download for ``values`` (option name -> menu text)."""
+    def gallery(analyses, name, values, shown):
+        """The map gallery and the JSON download for ``values`` (option name -> menu text); its image downloads
+        stay disabled until ``export_gallery_images`` has made them from ``shown["gallery"]``."""
         try:
             g = gallery_maps(analyses, name, **parse_options(name, analyses, values))
         except ValueError as e:
-            return None, f"**Cannot draw this map:** {e}", gr.update()
+            return None, f"**Cannot draw this map:** {e}", gr.update(), *no_downloads
+        shown["gallery"] = g
         written, _ = export_comparison(analyses, scratch(), g, formats=("json",))
         missing = "; ".join(f"`{b}`: {why}" for b, why in g.unavailable.items())
         note = f"`{name}`: {MAP_TYPES[name].fn.__doc__.splitlines()[0]}" + (f" No map for {missing}" if missing else "")
-        return for_screen(map_gallery(analyses, g)), note, gr.update(value=str(written["json"]), interactive=True)
+        return (for_screen(map_gallery(analyses, g)), note, gr.update(value=str(written["json"]), interactive=True),
+                *no_downloads)
 
-    def show_map_type(analyses, name):
+    def show_map_type(analyses, name, shown):
         """Option menus for map type ``name`` (from its declared options over the analysed backbones), then its
         gallery with the defaults."""
+        shown["gallery"] = None  # from now on, files an export of the previous gallery makes are stale
         if not analyses:
-            return (*hidden_slots, None, GALLERY_HINT, gr.update(value=None, interactive=False))
+            return (*hidden_slots, None, GALLERY_HINT, gr.update(value=None, interactive=False), *no_downloads)
         controls = option_controls(name, analyses)
         slots = [gr.update(visible=True, label=c.name, info=c.help, choices=c.texts(), value=option_text(c.default))
                  for c in controls] + hidden_slots[len(controls):]
-        return (*slots, *gallery(analyses, name, {}))
+        return (*slots, *gallery(analyses, name, {}, shown))
 
-    def change_option(analyses, name, *values):
+    def change_option(analyses, name, shown, *values):
+        shown["gallery"] = None
         if not analyses:
-            return None, GALLERY_HINT, gr.update()
+            return None, GALLERY_HINT, gr.update(), *no_downloads
         controls = option_controls(name, analyses)
-        return gallery(analyses, name, {c.name: v for c, v in zip(controls, values)})
+        return gallery(analyses, name, {c.name: v for c, v in zip(controls, values)}, shown)
+
+    def click_patch(evt: gr.SelectData, analyses, name):
+        """A click on the analysed image -> the query menu shows the cell it falls in (``change_option`` then draws
+        the gallery from it); gr.Error, and nothing redrawn, for a map type that looks from no patch."""
+        if not analyses:
+            raise gr.Error(GALLERY_HINT)
+        try:
+            key, point = click_query(name, analyses, PixelPoint(*evt.index))
+        except ValueError as e:
+            raise gr.Error(f"No query patch to set: {e}") from None
+        at = list(MAP_TYPES[name].options).index(key)  # the slots hold the options in their declared order
+        return [gr.update(value=option_text(point)) if i == at else gr.update() for i in range(n_slots)]
+
+    def analysed_image(analyses):
+        return next(iter(analyses.values())).image if analyses else None
+
+    def offer(written, problem, note):
+        """The download buttons for the written figure files, or disabled ones and ``note`` naming the problem."""
+        if problem:
+            return (*no_downloads, note.format(problem))
+        return (*[gr.update(value=str(written[f]), interactive=True) for f in FIGURE_FORMATS], "")
 
     def export_figure(analyses):
         if not analyses:
             return (*no_downloads, "")
-        written, problem = export_comparison(analyses, scratch(), formats=FIGURE_FORMATS)
-        if problem:
-            return (*no_downloads, f"{problem}; the JSON download still works.")
-        return (*[gr.update(value=str(written[f]), interactive=True) for f in FIGURE_FORMATS], "")
+        return offer(*export_comparison(analyses, scratch(), formats=FIGURE_FORMATS),
+                     "{}; the JSON download still works.")
+
+    def export_gallery_images(analyses, shown):
+        g = shown.get("gallery")
+        if not analyses or g is None:
+            return (*no_downloads, "")
+        offered = offer(*export_gallery(analyses, g, scratch(), formats=FIGURE_FORMATS), "{}")
+        # a gallery drawn meanwhile has disabled the buttons, and its own export fills them: not with these files
+        return offered if shown.get("gallery") is g else [gr.update()] * len(offered)
 
     # ---- Dataset
     def dataset_choices():
@@ -209,6 +242,9 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
         if skipped:  # one line per backbone that did not load; the others serve
             gr.Markdown("\n".join(f"- **`{n}` not loaded:** {why}" for n, why in skipped.items()))
         analyses = gr.State()
+        # {"gallery": the Gallery on screen}: one dict per session, which every handler is given itself (not a
+        # copy), so that an export finishing after a newer gallery was drawn can tell
+        shown_gallery = gr.State(dict)
         with gr.Tabs(selected="compare") as tabs:
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():
@@ -245,9 +281,20 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
                                            min_width=160)
                     slots = [gr.Dropdown(visible=False, allow_custom_value=True, interactive=True, min_width=160)
                              for _ in range(n_slots)]
-                gallery_note = gr.Markdown(GALLERY_HINT)
-                gallery_plot = gr.Plot(label="map gallery (dotted: the patch a backbone map looks from)",
-                                       elem_id="gallery")
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=200):
+                        # the analysed image as it is (not the preview, which may already show the next upload):
+                        # a click's pixel is a point of the image the gallery's maps were computed for
+                        query_image = gr.Image(label="click a patch: backbone maps look from it",
+                                               interactive=False, height=220, format="png", elem_id="query-image")
+                        with gr.Row():
+                            gallery_downloads = [gr.DownloadButton(f"gallery {f.upper()}", interactive=False,
+                                                                   size="sm", min_width=90) for f in FIGURE_FORMATS]
+                        gallery_export_note = gr.Markdown()
+                    with gr.Column(scale=3, min_width=300):
+                        gallery_note = gr.Markdown(GALLERY_HINT)
+                        gallery_plot = gr.Plot(label="map gallery (dotted: the patch a backbone map looks from)",
+                                               elem_id="gallery")
             with gr.Tab("Dataset", id="dataset"):
                 dataset_note = gr.Markdown()
                 with gr.Row():
@@ -268,23 +315,33 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
                 with gr.Column(elem_id="run-figures"):
                     run_plots = [gr.Plot(visible=False, show_label=False) for _ in range(RUN_FIGURES)]
 
-        # Compare: run, then the gallery for the chosen map type, then the figure's downloads
+        # Compare: run, then the image to click and the gallery for the chosen map type, then the downloads
         inputs, outputs = [image, expression, backbones, gt], [plot, table, status, analyses]
-        gallery_outputs = [*slots, gallery_plot, gallery_note, json_button]
+        gallery_view = [gallery_plot, gallery_note, json_button, *gallery_downloads]
+        gallery_outputs = [*slots, *gallery_view]
+
+        def drawn(event):  # a gallery drawn: its image downloads follow
+            return event.then(export_gallery_images, [analyses, shown_gallery],
+                              [*gallery_downloads, gallery_export_note], api_name=False)
 
         def chained(event):
-            return event.then(show_map_type, [analyses, map_type], gallery_outputs, api_name=False,
-                              concurrency_id="models") \
-                .then(export_figure, analyses, [*downloads, export_note], api_name=False)
+            event = event.then(analysed_image, analyses, query_image, api_name=False)
+            return drawn(event.then(show_map_type, [analyses, map_type, shown_gallery], gallery_outputs,
+                                    api_name=False, concurrency_id="models")
+                         .then(export_figure, analyses, [*downloads, export_note], api_name=False))
 
         image.change(preview, image, [shown, image_note], api_name=False)
         choose.upload(lambda path: path, choose, image, api_name=False)  # a new file while one is loaded
         chained(button.click(run, inputs, outputs, api_name="analyze", concurrency_id="models"))
         chained(expression.submit(run, inputs, outputs, api_name=False, concurrency_id="models"))
-        map_type.input(show_map_type, [analyses, map_type], gallery_outputs, api_name=False, concurrency_id="models")
+        drawn(map_type.input(show_map_type, [analyses, map_type, shown_gallery], gallery_outputs, api_name=False,
+                             concurrency_id="models"))
         for slot in slots:
-            slot.input(change_option, [analyses, map_type, *slots], [gallery_plot, gallery_note, json_button],
-                       api_name=False, concurrency_id="models")
+            drawn(slot.input(change_option, [analyses, map_type, shown_gallery, *slots], gallery_view,
+                             api_name=False, concurrency_id="models"))
+        drawn(query_image.select(click_patch, [analyses, map_type], slots, api_name=False)
+              .success(change_option, [analyses, map_type, shown_gallery, *slots], gallery_view, api_name=False,
+                       concurrency_id="models"))
         if examples:
             thumbs.select(pick_example, None, [image, expression, gt], api_name=False)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -170,6 +171,41 @@ def test_a_model_that_does_not_load_is_named_on_its_own_line_and_the_others_serv
     assert sorted(c[1] for c in boxes.choices) == sorted(n for n in RUN_BACKBONES if n != "vit-test")
 
 
+def test_figures_command_writes_the_map_score_tables_of_the_runs_analyses(app_run, tmp_path, capsys):
+    from toolkit.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(app_run, run)
+    main(["figures", "--run", str(run), "--formats", "html", "--no-examples"])
+    printed = capsys.readouterr().out.splitlines()
+    md, tex = run / "figures" / "map_scores.md", run / "figures" / "map_scores.tex"
+    assert str(md) in printed and str(tex) in printed and str(run / "figures" / "tables.md") in printed
+    text = md.read_text()
+    assert text.startswith(f"## Explanation maps, analysis own ({len(SAMPLES)} samples): mean [95% interval]")
+    header, _, *rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+                        if line.startswith("|")]
+    assert header == ["map", "backbone", "mass in box", "pointing game", "deletion AUC", "random-order AUC"]
+    assert sorted((r[0], r[1]) for r in rows) == [("similarity", n) for n in sorted(RUN_BACKBONES)]
+    assert all(len(r) == 6 and all(re.fullmatch(r"[\d.]+ \[[\d.]+, [\d.]+\]", v) for v in r[2:]) for r in rows)
+    latex = tex.read_text()
+    assert latex.startswith("\\begin{table}") and latex.count("\\begin{table}") == 1
+    assert "map & backbone & mass in box & pointing game & deletion AUC & random-order AUC \\\\" in latex
+    assert all(f"similarity & {name} & " in latex for name in RUN_BACKBONES)
+
+
+def test_figures_command_without_analyses_says_how_to_make_one(app_run, tmp_path, capsys):
+    from toolkit.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(app_run, run, ignore=shutil.ignore_patterns("analysis"))
+    main(["figures", "--run", str(run), "--formats", "html", "--no-examples"])
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in printed if "analyze" in line] == [
+        "No map-score table: No finished `vlmtk analyze` output in this run yet: make one with `vlmtk analyze --run "
+        "runs/run --split val --limit 50` (or over your own data: `--expressions file.jsonl`)."]
+    assert not list((run / "figures").glob("map_scores*")) and (run / "figures" / "tables.md").is_file()
+
+
 @pytest.mark.slow
 def test_twenty_clients_at_once_all_get_their_answer(app_url, files, capsys):
     def one(i: int) -> float:
@@ -224,6 +260,19 @@ def _ground(page, image: Path, expression: str, gt: str = "") -> None:
     page.get_by_label("ground-truth box in pixels (optional)").fill(gt)
     page.get_by_role("button", name="Run", exact=True).click()
     page.get_by_text("Grounded with").wait_for()
+
+
+def _click_pixel(page, x: int, y: int) -> None:
+    """Click pixel (x, y) of the analysed image where the page shows it (centred, never enlarged, perhaps shrunk:
+    the sum Gradio makes to send the pixel back)."""
+    img = page.locator("#query-image img")
+    img.scroll_into_view_if_needed()
+    page.wait_for_function("() => document.querySelector('#query-image img').naturalWidth > 0")  # loaded
+    box = img.bounding_box()
+    natural_w, natural_h = img.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    s = min(box["width"] / natural_w, box["height"] / natural_h, 1)
+    img.click(position={"x": (box["width"] - natural_w * s) / 2 + (x + 0.25) * s,
+                        "y": (box["height"] - natural_h * s) / 2 + (y + 0.25) * s})
 
 
 def _within(page, locator, width: int) -> None:
@@ -283,6 +332,34 @@ def test_browser_compare_gallery_and_downloads(app_url, files, tmp_path):
 
 
 @pytest.mark.browser
+def test_browser_a_click_on_the_image_sets_the_query_and_the_gallery_downloads(app_url, files):
+    from playwright.sync_api import expect
+
+    with _page(app_url, 1440) as page:
+        _ground(page, files / "wide.png", "the red square", "4, 4, 18, 18")
+        title = page.locator("#gallery .gtitle")
+        expect(title).to_contain_text("similarity (token=mean, contextual=False)")
+        _click_pixel(page, 50, 20)  # similarity looks from no patch: said so, nothing redrawn
+        page.get_by_text("No query patch to set").first.wait_for()
+        expect(title).to_contain_text("similarity (token=mean, contextual=False)")
+        _choose(page, "map type", "backbone_attention")
+        expect(title).to_contain_text("query=box-centre")
+        # the first backbone, maxvit-test, letterboxes the 64x32 image into 32x32: pixel (50, 20) is input (25, 18)
+        _click_pixel(page, 50, 20)
+        expect(title).to_contain_text("backbone_attention (module=rollout, query=56, 24)")
+        expect(page.get_by_label("query", exact=True)).to_have_value("patch (2, 3) of maxvit-test (x 56, y 24)")
+        expect(page.locator("#gallery")).to_contain_text("from patch (2, 3) of its 4x4 grid")
+        for name, magic in (("gallery PNG", b"\x89PNG\r\n\x1a\n"), ("gallery SVG", b"<svg")):
+            button = page.get_by_role("button", name=name)
+            expect(button).to_be_enabled()  # once the redrawn gallery is exported: never the previous one
+            with page.expect_download() as download:
+                button.click()
+            data = Path(download.value.path()).read_bytes()
+            assert data.startswith(magic), (name, data[:20])
+        assert b"query=56, 24" in data, re.findall(rb"gtitle[^>]*>([^<]*)<", data)  # the gallery on screen
+
+
+@pytest.mark.browser
 def test_browser_dataset_sorts_filters_and_opens_a_row_in_compare(app_url, tmp_path):
     from playwright.sync_api import expect
 
@@ -320,8 +397,10 @@ def test_browser_every_tab_fits_the_width(app_url, files, tmp_path, width):
         page.locator("#figure .js-plotly-plot").wait_for()
         page.locator("#gallery .js-plotly-plot").wait_for()
         for locator in (page.locator("#figure .js-plotly-plot"), page.locator("#gallery .js-plotly-plot"),
+                        page.locator("#query-image img"),
                         *[page.get_by_role("button", name=n) for n in ("figure PNG", "figure SVG", "figure PDF",
-                                                                        "analysis JSON")]):
+                                                                        "analysis JSON", "gallery PNG", "gallery SVG",
+                                                                        "gallery PDF")]):
             _within(page, locator, width)
         assert page.evaluate("document.documentElement.scrollWidth") <= width  # nothing runs off to the right
         page.screenshot(path=tmp_path / f"compare-{width}.png", full_page=True)

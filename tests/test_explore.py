@@ -13,8 +13,8 @@ from conftest import RUN_BACKBONES, scene_image, tiny_vlm
 from toolkit.interpret import (PixelPoint, analysis_json, compare, compute_map, find_analyses, gallery_maps,
                                load_samples, no_analysis_message, option_controls, parse_options, sample_example,
                                sample_pairs)
-from toolkit.interpret.explore import option_text, pixel_cell
-from toolkit.viz import export_comparison, for_screen, map_gallery
+from toolkit.interpret.explore import click_query, option_text, pixel_cell
+from toolkit.viz import export_comparison, export_gallery, for_screen, map_gallery
 
 WIDE = scene_image((64, 32))  # letterboxed: the top and bottom quarter of every input frame is padding
 
@@ -81,6 +81,22 @@ def test_gallery_looks_from_one_point_of_the_image_on_every_grid(analyses):
         gallery_maps(analyses, "similarity", layer=0)
 
 
+def test_a_click_chooses_the_menu_entry_of_the_first_backbones_cell_under_it(analyses):
+    first = next(iter(analyses))
+    key, point = click_query("backbone_attention", analyses, PixelPoint(50, 20))  # input (25, 18) of 32: (2, 3)
+    assert (key, point) == ("query", PixelPoint(56, 24))  # the centre of that cell's part of the image
+    query = {c.name: c for c in option_controls("backbone_attention", analyses)}["query"]
+    assert (f"patch (2, 3) of {first} (x 56, y 24)", "56, 24") in query.texts()  # the menu shows the cell
+    assert parse_options("backbone_attention", analyses, {key: option_text(point)})["query"] == point
+    assert click_query("backbone_attention", analyses, PixelPoint(0, 0))[1] == PixelPoint(8, 8)  # row 0: padding
+    if "vmamba-test" in analyses:
+        assert click_query("scan_path", analyses, PixelPoint(50, 20))[0] == "query"
+    with pytest.raises(ValueError, match="is not on the part of the 64x32 image"):
+        click_query("backbone_attention", analyses, PixelPoint(70, 20))
+    with pytest.raises(ValueError, match="`similarity` looks from no patch: .* backbone_attention, scan_path"):
+        click_query("similarity", analyses, PixelPoint(50, 20))
+
+
 def test_analysis_json_holds_answers_boxes_and_every_map_on_its_grid(analyses):
     g = gallery_maps(analyses, "backbone_attention", query=PixelPoint(40, 20))
     out = json.loads(json.dumps(analysis_json(analyses, g), allow_nan=False))
@@ -134,6 +150,8 @@ def test_export_without_a_browser_says_so_in_one_line_and_writes_the_json(analys
     assert list(written) == ["json"] and json.loads(written["json"].read_text())["expression"] == "the red square"
     assert problem.startswith("PNG/SVG/PDF export is unavailable here (exporting comparison.png, comparison.svg")
     assert "\n" not in problem and str(tmp_path) not in problem
+    written, problem = export_gallery(analyses, gallery_maps(analyses, "similarity"), tmp_path / "out")
+    assert written == {} and problem.startswith("PNG/SVG/PDF export is unavailable here (exporting gallery.png")
 
 
 # ------------------------------------------------------------------------------------ analysis outputs read back

@@ -96,6 +96,40 @@ def test_refcoco_letterbox_frame_mismatch():
     assert sq.norm_original_to_norm_input((0.1, 0.2, 0.3, 0.4)) == pytest.approx((0.1, 0.2, 0.3, 0.4))
 
 
+@pytest.mark.parametrize("strategy", ["letterbox", "resize-and-pad", "letterbox-square-224", "resize-naive"])
+@pytest.mark.parametrize("image", [(300, 120), (90, 250)])
+@pytest.mark.parametrize("grid", [(8, 8), (14, 14), (3, 5)])
+def test_cell_at_finds_the_cell_that_holds_a_pixel_and_none_off_the_image(strategy, image, grid):
+    """A click's pixel -> the cell of the tap grid the model saw it in, over padded non-square frames: every pixel of
+    the image lands in a cell whose box (``cell_edges``, original pixels) holds it; a point where only padding is
+    (off the image) has no cell."""
+    (w0, h0), (h, w) = image, grid
+    _, g = apply_geometry(Image.new("RGB", image), (224, 224), strategy)
+    xs, ys = g.cell_edges(grid)
+    rng = random.Random(hash((strategy, image, grid)) % 2**32)
+    for x, y in [(0, 0), (w0 - 1, h0 - 1), (w0 - 0.01, 0)] + [(rng.uniform(0, w0), rng.uniform(0, h0))
+                                                             for _ in range(200)]:
+        r, c = g.cell_at(x, y, grid)
+        assert 0 <= r < h and 0 <= c < w and xs[c] <= x <= xs[c + 1] and ys[r] <= y <= ys[r + 1], (x, y, r, c)
+    for r in range(h):  # the centre of a cell's part of the image maps back to it; cells in the padding have none
+        for c in range(w):
+            if xs[c + 1] > xs[c] and ys[r + 1] > ys[r]:
+                assert g.cell_at((xs[c] + xs[c + 1]) / 2, (ys[r] + ys[r + 1]) / 2, grid) == (r, c)
+    for x, y in [(-1, h0 / 2), (w0, h0 / 2), (w0 / 2, -0.5), (w0 / 2, h0 + 3)]:  # where the letterbox pads
+        assert g.cell_at(x, y, grid) is None
+        assert g.cell_at(x, y, grid, clamp=True) == g.cell_at(min(max(x, 0), w0 - 0.01), min(max(y, 0), h0 - 0.01),
+                                                            grid)
+
+
+def test_cell_at_on_a_letterboxed_wide_image_and_a_crop():
+    _, g = apply_geometry(Image.new("RGB", (64, 32)), (32, 32), "letterbox")  # image rows 8..24 of the input
+    assert g.cell_at(50, 20, (4, 4)) == (2, 3) and g.cell_at(0, 0, (4, 4)) == (1, 0)  # rows 0 and 3: padding only
+    assert g.cell_at(63.9, 31.9, (4, 4)) == (2, 3) and g.cell_at(10, 32, (4, 4)) is None
+    _, crop = apply_geometry(Image.new("RGB", (400, 100)), (100, 100), "resize-crop")  # columns 150..250 seen
+    assert crop.cell_at(160, 50, (4, 4)) == (2, 0) and crop.cell_at(100, 50, (4, 4)) is None
+    assert crop.cell_at(100, 50, (4, 4), clamp=True) == (2, 0) and crop.cell_at(399, 0, (4, 4), clamp=True) == (0, 3)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("size", [(64, 64), (32, 48), (100, 80)])
 def test_fit_batch_puts_a_batch_where_apply_geometry_puts_one_image(strategy, size):

@@ -13,6 +13,8 @@ from conftest import RUN_BACKBONES, scan_kernels_available, scene_image, tiny_vl
 from PIL import Image
 
 from toolkit.boxes import GROUNDING_PROMPT, box_iou
+from toolkit.interpret.analysis import tap_mixer
+from toolkit.registry import create_backbone
 from toolkit.interpret import (analyze, backbone_attention, compare, example_images, lm_image_attention, load_image,
                                parse_pixel_box, results_table, scan_paths, text_image_similarity)
 
@@ -125,7 +127,6 @@ def test_mambavision_attention_is_captured_and_placed_through_its_padded_windows
     """The non-fused path's probabilities, @ v and through proj, reproduce the fused module's output; on a 3x3 grid
     with 2x2 windows (padded to 4x4) each real token attends over the real tokens of its window only."""
     from toolkit.interpret.attention import capture_attention, stage_attention
-    from toolkit.registry import create_backbone
 
     torch.manual_seed(0)
     bb = create_backbone("mambavision-test", img_size=48).eval()
@@ -222,6 +223,15 @@ def test_compare_runs_every_family_and_tabulates(vlms):
                                                                                     "box", "iou", "backbone_map"]
     maps = dict(zip(table.backbone, table.backbone_map))
     assert maps["maxvit-test"] == maps["vit-test"] == "attention rollout"
+    # a hybrid's map follows its last mixer before the tap: MambaVision's stages end in attention blocks
+    assert {n: tap_mixer(create_backbone(n)) for n in ("vit-test", "vmamba-test", "mambavision-test")} == {
+        "vit-test": "attention", "vmamba-test": "scan", "mambavision-test": "attention"}
+    att, scan = res["vit-test"], res[RUN_BACKBONES[-1]]
+    hybrid = dataclasses.replace(att, scan_paths=scan.scan_paths)
+    assert hybrid.backbone_map()[0] == "attention rollout"
+    if scan.scan_paths:
+        assert dataclasses.replace(hybrid, tap_mixer="scan").backbone_map()[0].startswith("scan path")
+        assert dataclasses.replace(hybrid, tap_mixer="attention", attention={}).backbone_map()[0].startswith("scan")
     assert res["maxvit-test"].no_map_reason() is None and res["vit-test"].no_map_reason() is None
     # a family without a map says why, in the table: the distinct reasons, each with its module count
     why = {"stages.0.blocks.0.attn_block.attn": "windowed or off-grid attention: 4 row(s)",

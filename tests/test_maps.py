@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import RUN_BACKBONES, scan_kernels_available, scene_image, tiny_vlm
+from conftest import RUN_BACKBONES, TINY_LM, scan_kernels_available, scene_image, tiny_vlm
 from PIL import Image
 
 from toolkit.cli import main
@@ -18,15 +18,20 @@ from toolkit.interpret import (DELETION_FRACTIONS, MAP_TYPES, MapUnavailable, ba
                                compute_map, deletion_curve, deletion_curves, lm_image_attention, map_options,
                                mass_in_box, pixel_saliency, pointing_game, random_map, text_image_similarity,
                                token_integrated_gradients)
+from toolkit.interpret.attention import rollout
 from toolkit.interpret.scores import curve_auc
-from toolkit.vlm import VLM
+from toolkit.registry import create_backbone
+from toolkit.vlm import VLM, VLMConfig
+from toolkit_kernels import selective_scan_ref
 from toolkit.viz.overlays import cell_box, map_on_original
 
-BACKBONES = RUN_BACKBONES + ("mambavision-test",)  # + a family whose scans are 1-D and attention is windowed
+# + a family whose scans are 1-D and attention is windowed, both over padded windows, and one whose windowed and
+# global blocks alternate
+BACKBONES = RUN_BACKBONES + ("mambavision-test", "vitdet-test")
 # (map type, backbone) -> a phrase of the reason it has no map; every other pair must give one
 UNAVAILABLE = {("backbone_attention", "vmamba-test"): "no attention modules",
                ("scan_path", "vit-test"): "no scan modules", ("scan_path", "maxvit-test"): "no scan modules",
-               ("scan_path", "mambavision-test"): "scan inputs are not 2-D"}
+               ("scan_path", "vitdet-test"): "no scan modules"}
 SCENE = scene_image((64, 32))
 needs_scan_kernels = pytest.mark.skipif(not scan_kernels_available(),
                                         reason="toolkit_kernels.ss2d_scan_attention_fn missing")
@@ -105,6 +110,46 @@ def test_lm_attention_map_is_lm_image_attention_and_rolls_out(contexts):
         compute_map("lm_attention", ctx, layer="rollout", head=0)
 
 
+def test_lm_attention_per_answer_token_is_the_row_that_wrote_it(contexts):
+    """Token i's map is the eager attention row of the position that predicts the answer's token i (the
+    probabilities behind the logits the default kernel gives), on the image positions; the answer's tokens, EOS
+    last, are the menu, and their maps average to the "all" map."""
+    ctx = contexts["vit-test"]  # the tiny LM: 1 layer, 2 heads
+    vlm, tok = ctx.vlm, ctx.vlm.tokenizer
+    ids = tok(ctx.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    menu = map_options("lm_attention", vlm)["token"].menu(ctx)
+    assert len(ids) > 2 and menu == {i: f"{i}: {t}" for i, t in enumerate(tok.convert_ids_to_tokens(ids))}
+    b = vlm.assemble(ctx.tokens, [ctx.prompt], [ctx.answer])
+    impl = vlm.lm.config._attn_implementation
+    with torch.no_grad():
+        logits = vlm.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask).logits
+        vlm.lm.set_attn_implementation("eager")
+        try:
+            out = vlm.lm(inputs_embeds=b.inputs_embeds, attention_mask=b.attention_mask, output_attentions=True)
+        finally:
+            vlm.lm.set_attn_implementation(impl)
+    assert torch.allclose(out.logits, logits, atol=1e-5)
+    (att,) = out.attentions  # (1, heads, T, T)
+    labelled = (b.labels[0] != -100).nonzero()[:, 0]  # where the answer's tokens and EOS sit
+    assert b.input_ids[0, labelled].tolist() == ids
+    for i, p in enumerate(labelled.tolist()):
+        for head in (0, 1):
+            torch.testing.assert_close(compute_map("lm_attention", ctx, token=i, layer=0, head=head),
+                                       att[0, head, p - 1, b.image_mask[0]].reshape(ctx.grid).float())
+    per_token = torch.stack([compute_map("lm_attention", ctx, token=i) for i in menu])
+    torch.testing.assert_close(per_token.mean(0), compute_map("lm_attention", ctx))
+    torch.testing.assert_close(per_token[0], compute_map("lm_attention", ctx, source="prompt"))
+    torch.testing.assert_close(compute_map("lm_attention", ctx, token=-1), per_token[-1])
+    rolled = torch.stack([compute_map("lm_attention", ctx, layer="rollout", token=i) for i in menu])
+    torch.testing.assert_close(rolled.mean(0), compute_map("lm_attention", ctx, layer="rollout"))
+    with pytest.raises(ValueError, match=f"token {len(ids)} is outside the answer's {len(ids)} tokens"):
+        compute_map("lm_attention", ctx, token=len(ids))
+    with pytest.raises(ValueError, match="use token='all'"):
+        compute_map("lm_attention", ctx, token=1, source="prompt")
+    with pytest.raises(ValueError, match="token='first' is not one of: 'all', int"):
+        compute_map("lm_attention", ctx, token="first")
+
+
 def test_backbone_attention_map_is_the_captured_attention(contexts):
     ctx = contexts["vit-test"]
     captured = backbone_attention(ctx.vlm.backbone, ctx.pixels)
@@ -112,6 +157,62 @@ def test_backbone_attention_map_is_the_captured_attention(contexts):
         assert torch.allclose(compute_map("backbone_attention", ctx, module=module, query=(1, 2)),
                               captured.query_maps((1, 2))[module])
     assert torch.allclose(compute_map("backbone_attention", ctx), captured.query_maps(ctx.query)["rollout"])
+
+
+def _own_capture(backbone, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every attention module's probabilities ``(windows, heads, n, n)`` of one forward, hooked here (not by the
+    toolkit's capture) on the non-fused path's ``attn_drop``."""
+    store, handles = {}, []
+    for name, mod in backbone.attention_modules():
+        mod.fused_attn = False
+        handles.append(mod.attn_drop.register_forward_hook(
+            lambda m, i, o, name=name: store.__setitem__(name, i[0].detach())))
+    with torch.no_grad():
+        backbone(pixels[None])
+    for (_, mod), h in zip(backbone.attention_modules(), handles):
+        mod.fused_attn = True
+        h.remove()
+    return store
+
+
+def test_vitdet_windowed_blocks_map_their_padded_window(contexts):
+    """ViTDet-test: a 4x4 grid, windows of 3 padded to 6x6 (2x2 windows, row-major), block 2 global. A windowed
+    block's map from a query is non-zero exactly on the query's window cut at the grid's edge, and is its row of
+    the captured probabilities, heads averaged, renormalised over the real tokens; the global block's map is its
+    row as captured; the rollout of the windowed blocks alone stays inside the window."""
+    ctx = contexts["vitdet-test"]
+    assert not ctx.attention.skipped and list(ctx.attention.layers) == [f"blocks.{i}.attn" for i in range(3)]
+    probs = _own_capture(ctx.vlm.backbone, ctx.pixels)
+    ws, cells = 3, torch.arange(4)
+    for r, c in ((1, 1), (1, 3), (3, 0), (3, 3)):
+        (wr, lr), (wc, lc) = divmod(r, ws), divmod(c, ws)
+        window = ((cells // ws == wr)[:, None] & (cells // ws == wc)[None])  # (4, 4)
+        row = torch.zeros(6, 6)
+        row[wr * ws:(wr + 1) * ws, wc * ws:(wc + 1) * ws] = probs["blocks.0.attn"][wr * 2 + wc].float().mean(0)[
+            lr * ws + lc].reshape(ws, ws)
+        row = row[:4, :4]  # the padding goes, and its share with it
+        m = compute_map("backbone_attention", ctx, module="blocks.0.attn", query=(r, c))
+        assert torch.equal(m > 0, window)
+        torch.testing.assert_close(m, row / row.sum())
+        windowed = rollout([ctx.attention.layers[f"blocks.{i}.attn"] for i in (0, 1)])[r * 4 + c].reshape(4, 4)
+        assert torch.equal(windowed > 0, window)
+        torch.testing.assert_close(compute_map("backbone_attention", ctx, module="blocks.2.attn", query=(r, c)),
+                                   probs["blocks.2.attn"][0].float().mean(0)[r * 4 + c].reshape(4, 4))
+    assert compute_map("backbone_attention", ctx).shape == ctx.grid  # the rollout over all three blocks
+
+
+def test_vitdet_layouts_follow_the_grid_of_a_non_square_input():
+    """At 24x40 px (a 3x5 grid) the windows of 3 pad the columns only: two windows, the second with a padding
+    column; every windowed block is placed, none skipped."""
+    torch.manual_seed(0)
+    bb = create_backbone("vitdet-test", img_size=(24, 40)).eval()
+    lay = bb.attention_layouts()["blocks.0.attn"]
+    assert set(bb.attention_layouts()) == {"blocks.0.attn", "blocks.1.attn"} and lay.grid == (3, 5)
+    assert lay.index.tolist() == [[0, 1, 2, 5, 6, 7, 10, 11, 12], [3, 4, -1, 8, 9, -1, 13, 14, -1]]
+    att = backbone_attention(bb, torch.randn(3, 24, 40))
+    assert not att.skipped and list(att.layers) == [f"blocks.{i}.attn" for i in range(3)]
+    assert torch.equal(att.layers["blocks.1.attn"] > 0, (torch.arange(15) % 5 // 3)[:, None] == (torch.arange(15)
+                                                                                                 % 5 // 3)[None])
 
 
 @needs_scan_kernels
@@ -133,6 +234,42 @@ def test_scan_path_map_is_the_scans_own_jacobian(contexts):
     torch.testing.assert_close(compute_map("scan_path", ctx, query=(0, 1)), row.sum(0).abs(), **tol)
     first = next(ctx.vlm.backbone.scan_modules())[0]  # an earlier block's finer grid, averaged onto the tap grid
     assert compute_map("scan_path", ctx, module=first).shape == ctx.grid
+
+
+@needs_scan_kernels
+def test_mambavision_scan_path_is_its_1d_scans_jacobian_through_the_windows(tiny_tokenizer, monkeypatch):
+    """MambaVision-test at 48 px: a 3x3 stage grid (the tap's) in 2x2 windows padded to 4x4, each mixer scanning
+    one window's 4 tokens row-major. The tap mixer's map from a query is |row of d scan output / d scan input|
+    (torch.autograd through the sequential definition, D skip off), channel-averaged, over the query's window:
+    its real tokens at their places, zero elsewhere. One direction, so it is also the merged map."""
+    torch.manual_seed(0)
+    vlm = VLM.build(VLMConfig(backbone="mambavision-test", lm=TINY_LM, backbone_overrides=dict(img_size=48)),
+                    tiny_tokenizer).eval()
+    name, mod = next(vlm.backbone.scan_modules())
+    with torch.no_grad():  # longer steps and stronger B, C than the initialisation's, for a map far from zero
+        mod.dt_proj.bias.fill_(0.5)
+        mod.x_proj.weight.normal_(0, 0.3)
+    ctx = build_context(vlm, SCENE, "the red square")
+    assert ctx.grid == (3, 3) and ctx.scan_inputs[name].shape[:2] == (4, 4)  # (windows, tokens, C)
+    assert map_options("scan_path", vlm)["direction"].choices == ("merged", 0)
+    for r, c in ((1, 2), (0, 0), (2, 1)):
+        (wr, lr), (wc, lc) = divmod(r, 2), divmod(c, 2)
+        s = mod.ssm_inputs(ctx.scan_inputs[name][wr * 2 + wc][None])  # the query's window
+        rest = [s[k].detach().double() for k in ("delta", "A", "B", "C")]
+        scan = lambda u: selective_scan_ref(u, *rest, None, s["delta_bias"].double(), delta_softplus=True)  # noqa
+        J = torch.autograd.functional.jacobian(scan, s["u"].detach().double())[0, :, lr * 2 + lc, 0]  # (D, D, 4)
+        row = torch.diagonal(J).mean(-1)  # (4,): channel d's output from channel d's inputs, averaged
+        want = torch.zeros(4, 4)
+        want[wr * 2:wr * 2 + 2, wc * 2:wc * 2 + 2] = row.reshape(2, 2).abs().float()
+        want = want[:3, :3]  # the padding column and row feed the scan but are no place of the image
+        assert want.sum() > 1e-3 * row.abs().max()
+        tol = dict(rtol=1e-4, atol=1e-5 * float(want.max()))
+        for direction in (0, "merged"):
+            torch.testing.assert_close(compute_map("scan_path", ctx, direction=direction, query=(r, c)), want, **tol)
+    with pytest.raises(ValueError, match="direction=1 is not one of: 'merged', 0"):
+        compute_map("scan_path", ctx, direction=1)
+    monkeypatch.setattr(type(vlm.backbone), "scan_layouts", lambda self, img_size=None: {})
+    assert "scan inputs are not 2-D" in MAP_TYPES["scan_path"].available(ctx)  # a 1-D scan is placed by its layout
 
 
 @pytest.mark.parametrize("baseline", ["zeros", "mean"])
@@ -344,3 +481,25 @@ def test_analyze_command_counts_bad_input_and_never_crashes_on_it(tiny_run, tmp_
             main(["analyze", *args])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("vlmtk analyze: error: ") and message in err
+
+
+def test_analyze_command_maps_the_windowed_families(tiny_run, tiny_tokenizer, tmp_path):
+    """`vlmtk analyze --maps` takes the availability from the registry: MambaVision's scan paths and ViTDet's
+    windowed attention are mapped and scored; of the two, only ViTDet's missing scans are reported."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for name in ("mambavision-test", "vitdet-test"):
+        tiny_vlm(tiny_tokenizer, name).save(run / "vlms" / name)
+    scene_image().save(tmp_path / "scene.png")
+    (tmp_path / "own.jsonl").write_text(json.dumps(dict(image="scene.png", expression="the red square",
+                                                        box=[4, 4, 18, 18])))
+    main(["analyze", "--run", str(run), "--expressions", str(tmp_path / "own.jsonl"), "--maps",
+          "scan_path,backbone_attention", "--threads", "1"])
+    out = run / "analysis" / "own"
+    for name, have in (("mambavision-test", {"scan_path", "backbone_attention"}), ("vitdet-test",
+                                                                                   {"backbone_attention"})):
+        (row,) = [json.loads(s) for s in (out / name / "samples.jsonl").read_text().splitlines()]
+        assert set(row["maps"]) == have and all(0 <= s["deletion_auc"] <= 1 for s in row["maps"].values())
+    summary = (out / "summary.md").read_text()
+    assert "- vitdet-test: `scan_path`: the backbone has no scan modules" in summary
+    assert "- mambavision-test: `" not in summary and "- vitdet-test: `backbone_attention`" not in summary

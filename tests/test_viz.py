@@ -80,6 +80,21 @@ def test_export_png_is_a_real_png(analyses, tmp_path):
     assert Image.open(path).size == (fig.layout.width, fig.layout.height)
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="PNG export needs Chromium (apt-get install chromium)")
+def test_gallery_exports_as_png_svg_and_pdf(analyses, tmp_path):
+    from toolkit.interpret import PixelPoint, gallery_maps
+    from toolkit.viz import export_gallery, map_gallery
+
+    g = gallery_maps(analyses, "backbone_attention", query=PixelPoint(40, 20))
+    written, problem = export_gallery(analyses, g, tmp_path / "out")
+    assert problem is None and list(written) == ["png", "svg", "pdf"]
+    for fmt, magic in (("png", b"\x89PNG\r\n\x1a\n"), ("svg", b"<svg"), ("pdf", b"%PDF-")):
+        assert written[fmt] == tmp_path / "out" / f"gallery.{fmt}" and written[fmt].read_bytes().startswith(magic)
+    fig = map_gallery(analyses, g)
+    assert Image.open(written["png"]).size == (fig.layout.width, fig.layout.height)
+    assert "backbone_attention (query=40, 20)" in written["svg"].read_text()
+
+
 def test_explorer_runs_and_reports_bad_input(tiny_tokenizer, tmp_path):
     from toolkit.viz import Explorer
 

@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     m = sub.add_parser("models", help="the study's eight released VLMs: backbone, input, tokens, LLM, paper scores")
     m.set_defaults(fn=_cmd_models)
     f = sub.add_parser("figures", help="every figure and table of a finished run again: curves, score bars, top-1 vs "
-                                       "grounding, side-by-side examples (html/png/pdf/svg), tables (md/tex)")
+                                       "grounding, side-by-side examples (html/png/pdf/svg), tables (md/tex), "
+                                       "map scores of its `vlmtk analyze` outputs (md/tex)")
     f.add_argument("--run", default="runs/demo", help="the run directory (default: %(default)s)")
     f.add_argument("--formats", default="html,png,pdf,svg", help="comma-separated (default: %(default)s)")
     f.add_argument("--no-examples", action="store_true", help="skip the side-by-side examples (they rerun the VLMs)")

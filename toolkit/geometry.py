@@ -86,6 +86,19 @@ class Geometry:
         ys = np.clip((np.linspace(0.0, self.in_h, h + 1) - self.oy) / self.sy, 0.0, self.orig_h)
         return xs, ys
 
+    def cell_at(self, x: float, y: float, grid: tuple[int, int], clamp: bool = False) -> tuple[int, int] | None:
+        """The (row, col) of a ``grid = (h, w)`` laid over the input frame that holds the point ``(x, y)`` of the
+        ORIGINAL image (pixels, continuous: pixel i spans [i, i + 1), so a pixel index names its top-left corner).
+
+        None for a point the model never saw: off the image (where a letterbox pads) or cut off by a crop; with
+        ``clamp`` such a point takes the nearest cell instead (a point a front end already holds, not a click)."""
+        xi, yi = (x * self.sx + self.ox) / self.in_w, (y * self.sy + self.oy) / self.in_h
+        seen = 0 <= x < self.orig_w and 0 <= y < self.orig_h and 0 <= xi < 1 and 0 <= yi < 1
+        if not (seen or clamp):
+            return None
+        h, w = grid
+        return min(max(int(yi * h), 0), h - 1), min(max(int(xi * w), 0), w - 1)
+
 
 def mean_fill(mean: Sequence[float]) -> tuple[int, int, int]:
     return tuple(int(round(255 * m)) for m in mean)  # type: ignore[return-value]

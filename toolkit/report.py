@@ -213,19 +213,18 @@ def write_all_figures(run_dir: str | Path, formats: Sequence[str] = ("html", "pn
                       examples: bool = True) -> list[Path]:
     """Every figure and table of a finished run, again, from what it saved (``vlmtk figures``): training curves,
     score bars with intervals, backbone top-1 against VLM grounding, the side-by-side examples (they rerun the
-    VLMs on a few val expressions; ``examples=False`` skips them) in ``formats``, and the report's tables as
-    ``figures/tables.md`` and ``figures/tables.tex``."""
+    VLMs on a few val expressions; ``examples=False`` skips them) in ``formats``, the report's tables as
+    ``figures/tables.md`` and ``figures/tables.tex``, and the map-score tables of the run's ``vlmtk analyze``
+    outputs as ``figures/map_scores.md`` and ``.tex`` (``write_map_score_tables``)."""
     from toolkit.config import ExperimentConfig
     from toolkit.data import load_refcoco
 
     run_dir = Path(run_dir)
     df = load_results(run_dir)
     written = write_result_figures(run_dir, df, formats)
-    tables = summary_tables(df)
     out = RunDir(run_dir).figures
-    (out / "tables.md").write_text(tables_markdown(tables) + "\n")
-    (out / "tables.tex").write_text("\n".join(latex_table(t, tab) for t, tab in tables.items()))
-    written += [out / "tables.md", out / "tables.tex"]
+    written += write_tables(summary_tables(df), out / "tables")
+    written += write_map_score_tables(run_dir, out)
     world = run_world(run_dir)
     if examples and world is not None:
         cfg = ExperimentConfig.load(RunDir(run_dir).config)
@@ -233,6 +232,29 @@ def write_all_figures(run_dir: str | Path, formats: Sequence[str] = ("html", "pn
                 for r in load_refcoco(world, s, "val")[: cfg.eval.max_per_style]]
         written += write_figures(run_dir, refs, cfg, formats)
     return written
+
+
+def write_tables(tables: dict[str, pd.DataFrame], stem: Path) -> list[Path]:
+    """``tables`` (title -> table) as ``<stem>.md`` (``tables_markdown``) and ``<stem>.tex`` (``latex_table``)."""
+    md, tex = stem.with_suffix(".md"), stem.with_suffix(".tex")
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(tables_markdown(tables) + "\n")
+    tex.write_text("\n".join(latex_table(t, tab) for t, tab in tables.items()))
+    return [md, tex]
+
+
+def write_map_score_tables(run_dir: str | Path, out_dir: Path) -> list[Path]:
+    """The scores of every ``vlmtk analyze`` output of the run (``toolkit.interpret.browse.map_scores``: map type
+    x backbone, mass in box, pointing game, deletion AUC beside the random-order baseline, with their intervals) as
+    ``out_dir/map_scores.md`` and ``.tex``. A run without one gets none, and one printed line saying how to make
+    one."""
+    from toolkit.interpret.browse import find_analyses, map_scores, no_analysis_message
+
+    tables = dict(map_scores(d) for d in find_analyses(run_dir).values())
+    if not tables:
+        print(f"No map-score table: {no_analysis_message(run_dir)}")
+        return []
+    return write_tables(tables, out_dir / "map_scores")
 
 
 def top1_vs_grounding(df: pd.DataFrame):

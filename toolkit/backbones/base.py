@@ -44,7 +44,7 @@ class LoadReport:
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Where a partitioned (windowed) attention module's tokens sit: the stage's token grid ``(H, W)`` and, per
+    """Where a partitioned (windowed) attention or scan module's tokens sit: the stage's token grid ``(H, W)`` and, per
     partition in the order the module sees them (one image), the row-major flat index on that grid of each of its
     tokens in order; -1 marks padding tokens that exist only inside the partition. ``index``: ``(windows, n)``."""
 
@@ -96,8 +96,15 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         return {}
 
     def scan_modules(self) -> Iterator[tuple[str, nn.Module]]:
-        """Selective-scan (SS2D) modules whose scan paths the analysis may compute (name, module)."""
+        """Selective-scan modules whose scan paths the analysis may compute (name, module); each offers
+        ``ssm_inputs(x)`` for its captured input ``x``."""
         return iter(())
+
+    def scan_layouts(self, img_size: tuple[int, int] | None = None) -> dict[str, TokenLayout]:
+        """``TokenLayout`` of the scan modules that run a 1-D selective scan over partitions of a stage's token grid
+        (one partition per batch row, scanned in the layout's token order), for an input of ``img_size``; modules
+        absent here run SS2D's 2-D cross-scan over their grid."""
+        return {}
 
     # -- checkpoints ------------------------------------------------------------------------------
     def convert_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:

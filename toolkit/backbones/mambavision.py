@@ -260,11 +260,19 @@ class MambaVisionBackbone(Backbone):
         return self._mixers(Attention)
 
     def attention_layouts(self, img_size: tuple[int, int] | None = None) -> dict[str, TokenLayout]:
-        """Attention blocks run on ``window_size`` windows of their stage's grid, zero-padded right and bottom to
+        return self._window_layouts(self.attention_modules(), img_size)
+
+    def scan_layouts(self, img_size: tuple[int, int] | None = None) -> dict[str, TokenLayout]:
+        """Each mixer scans one window's tokens, row-major inside it (``window_partition``'s order)."""
+        return self._window_layouts(self.scan_modules(), img_size)
+
+    def _window_layouts(self, modules: Iterator[tuple[str, nn.Module]],
+                        img_size: tuple[int, int] | None) -> dict[str, TokenLayout]:
+        """Hybrid blocks run on ``window_size`` windows of their stage's grid, zero-padded right and bottom to
         whole windows (the padding tokens are -1 in the index); the index is ``window_partition`` of the token
         numbers, as ``MambaVisionLayer.forward_blocks`` partitions the features."""
         out = {}
-        for name, _ in self.attention_modules():
+        for name, _ in modules:
             i = int(name.split(".")[1])
             (h, w), ws = self._stage_grid(i, img_size), self.levels[i].window_size
             ids = F.pad(torch.arange(h * w).view(1, 1, h, w), (0, -w % ws, 0, -h % ws), value=-1)

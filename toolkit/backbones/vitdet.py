@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, use_fused_attn
 from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias, window_partition, window_unpartition
 
-from toolkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig, LoadReport
+from toolkit.backbones.base import IMAGENET_MEAN, IMAGENET_STD, Backbone, DataConfig, LoadReport, TokenLayout
 from toolkit.registry import register_backbone
 
 
@@ -177,6 +177,19 @@ class ViTDetBackbone(Backbone):
     def attention_modules(self) -> Iterator[tuple[str, nn.Module]]:
         for i, blk in enumerate(self.blocks):
             yield f"blocks.{i}.attn", blk.attn
+
+    def attention_layouts(self, img_size: tuple[int, int] | None = None) -> dict[str, TokenLayout]:
+        """Windowed blocks attend within ``window_size`` windows of the token grid, padded right and bottom to whole
+        windows (padding tokens are -1 in the index); global blocks are absent (they attend over the whole grid).
+        The index is timm's ``window_partition`` of the token numbers, the call the blocks make on the features."""
+        h, w = self.grid(img_size)
+        ids = torch.arange(1, h * w + 1).view(1, h, w, 1)  # from 1: window_partition pads with 0, the -1 below
+        out = {}
+        for (name, _), blk in zip(self.attention_modules(), self.blocks):
+            if blk.window_size:
+                windows, _ = window_partition(ids, blk.window_size)  # (windows, ws, ws, 1)
+                out[name] = TokenLayout((h, w), windows.flatten(1) - 1)
+        return out
 
     def convert_state_dict(self, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
         """detectron2 names -> ours: strip ``backbone.net.`` (and DDP's ``module.``); returns the count renamed."""

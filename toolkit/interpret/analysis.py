@@ -45,6 +45,7 @@ class Analysis:
     scan_paths: dict[str, ScanPath]  # scan module -> its path from the query; may be empty
     skipped: dict[str, str]  # attention/scan modules without a map, and why
     saliency: torch.Tensor | None = None  # (H_in, W_in) |d logit / d pixel| of the answer's first token
+    tap_mixer: str | None = None  # "scan" | "attention": the kind of token mixer the visual tokens leave last
     # the context the maps came from: any map type of toolkit.interpret.maps computes from it without another pass
     context: MapContext | None = field(default=None, repr=False, compare=False)
 
@@ -63,15 +64,15 @@ class Analysis:
         return skip_summary(self.skipped)
 
     def backbone_map(self) -> tuple[str, torch.Tensor] | None:
-        """The backbone's own view from the query patch: the tap block's merged scan path, else the attention
-        rollout (or the last captured layer), else None."""
-        if self.tap_scan is not None:
-            name, path = self.tap_scan
-            return f"scan path {name}", path.merged
+        """The backbone's own view from the query patch, from the kind of mixer nearest the tap (a hybrid such as
+        MambaVision ends its stages in attention): the tap block's merged scan path, or the attention rollout (or
+        the last captured layer); the other kind when that one has no map; else None."""
+        scan = None if self.tap_scan is None else (f"scan path {self.tap_scan[0]}", self.tap_scan[1].merged)
+        att = None
         if self.attention:
             name = "rollout" if "rollout" in self.attention else next(reversed(self.attention))
-            return f"attention {name}", self.attention[name]
-        return None
+            att = (f"attention {name}", self.attention[name])
+        return (att or scan) if self.tap_mixer == "attention" else (scan or att)
 
 
 def analyze(vlm: VLM, image, expression: str, *, gt_box: Sequence[float] | None = None,
@@ -98,8 +99,18 @@ def analyze(vlm: VLM, image, expression: str, *, gt_box: Sequence[float] | None 
         lm_attention=lm_image_attention(vlm, ctx.tokens, ctx.prompt, ctx.answer, ctx.grid),
         attention=ctx.attention.query_maps(ctx.query), scan_paths=scans,
         skipped={**ctx.attention.skipped, **scan_skipped},
-        saliency=pixel_saliency(vlm, ctx.pixels, ctx.prompt, ctx.answer) if saliency else None, context=ctx,
+        saliency=pixel_saliency(vlm, ctx.pixels, ctx.prompt, ctx.answer) if saliency else None,
+        tap_mixer=tap_mixer(vlm.backbone), context=ctx,
     )
+
+
+def tap_mixer(backbone) -> str | None:
+    """"scan" or "attention": which of the backbone's mapped token mixers runs last before the tap (None: neither)."""
+    order = {id(m): i for i, m in enumerate(backbone.modules())}  # registration order: the forward's, here
+    last = {kind: max((order[id(m)] for _, m in modules), default=-1)
+            for kind, modules in (("scan", backbone.scan_modules()), ("attention", backbone.attention_modules()))}
+    kind = max(last, key=last.get)
+    return kind if last[kind] >= 0 else None
 
 
 def compare(vlms: dict[str, VLM], image, expression: str, gt_box: Sequence[float] | None = None,

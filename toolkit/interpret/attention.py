@@ -4,10 +4,10 @@ Backbone attention is captured, not recomputed: each module runs its own non-fus
 and a forward hook on its ``attn_drop`` reads the probabilities it is about to use. That path already holds every
 variant's details (relative-position bias in MaxViT, q/k norms, masks, scale), which recomputing q·k from the
 ``qkv`` weights would have to re-implement per family. Partitioned attention (MaxViT's block and grid attention,
-MambaVision's windows) is placed with the backbone's ``attention_layouts()``: each window's probabilities go back to
-their tokens' places in an ``(N, N)`` matrix over that stage's grid (zero between windows), which is then pooled
-onto the tap grid. Modules without the hook point, and windowed attention without a layout (ViTDet's), are skipped
-with a reason. Families without attention modules give an empty result.
+MambaVision's and ViTDet's padded windows) is placed with the backbone's ``attention_layouts()``: each window's
+probabilities go back to their tokens' places in an ``(N, N)`` matrix over that stage's grid (zero between windows),
+which is then pooled onto the tap grid. Modules without the hook point, and windowed attention without a layout, are
+skipped with a reason. Families without attention modules give an empty result.
 """
 from __future__ import annotations
 
@@ -175,6 +175,7 @@ class LMAttention:
     layers: tuple[int, ...]
     heads: tuple[int, ...]
     source: str
+    token: int | str = "all"  # the answer token whose row was read, or "all" of them
 
     def mean(self) -> torch.Tensor:
         """(h, w): averaged over the chosen layers and heads."""
@@ -192,42 +193,68 @@ def eager_attention(lm) -> Iterator[None]:
         lm.set_attn_implementation(old)
 
 
-def _lm_attention(vlm, visual_tokens: torch.Tensor, prompt: str, answer: str, source: str):
-    """One eager LM pass over prompt + ``answer`` + EOS: per-layer attention ``(1, H, T, T)``, the rows that
-    ``source`` reads, and the image positions ``(T,)`` bool."""
+def answer_rows(vlm, visual_tokens: torch.Tensor, prompt: str, answer: str):
+    """The assembled prompt + ``answer`` + EOS (a ``Batch`` of one row) and the positions ``(A + 1,)`` whose next
+    token is one of the answer's A tokens or the EOS, in order: position t predicts token t + 1."""
+    batch = vlm.assemble(visual_tokens, [prompt], [answer])
+    return batch, (batch.labels[0, 1:] != IGNORE_INDEX).nonzero()[:, 0]
+
+
+def answer_tokens(vlm, visual_tokens: torch.Tensor, prompt: str, answer: str) -> list[str]:
+    """The answer's tokens as the LM is taught them, the EOS last: what ``token=i`` of ``lm_image_attention``
+    picks."""
+    batch, rows = answer_rows(vlm, visual_tokens, prompt, answer)
+    return vlm.tokenizer.convert_ids_to_tokens(batch.labels[0, rows + 1].tolist())
+
+
+def _pick_rows(rows: torch.Tensor, source: str, token: int | str) -> torch.Tensor:
+    """The rows ``source`` and ``token`` read out of the answer's ``rows (A + 1,)``."""
     if source not in ("answer", "prompt"):
         raise ValueError(f"source must be 'answer' or 'prompt', got {source!r}")
-    batch = vlm.assemble(visual_tokens, [prompt], [answer])
+    if token == "all":
+        return rows[:1] if source == "prompt" else rows
+    if source == "prompt":
+        raise ValueError("source='prompt' is one row already (the one that wrote token 0): use token='all'")
+    if not -len(rows) <= token < len(rows):
+        raise ValueError(f"token {token} is outside the answer's {len(rows)} tokens (EOS included)")
+    return rows[[token]]
+
+
+def _lm_attention(vlm, visual_tokens: torch.Tensor, prompt: str, answer: str, source: str, token: int | str):
+    """One eager LM pass over prompt + ``answer`` + EOS: per-layer attention ``(1, H, T, T)``, the rows that
+    ``source`` and ``token`` read, and the image positions ``(T,)`` bool."""
+    batch, rows = answer_rows(vlm, visual_tokens, prompt, answer)
+    rows = _pick_rows(rows, source, token)
     with eager_attention(vlm.lm):
         att = vlm.lm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                      output_attentions=True).attentions  # per layer (1, H, T, T)
-    rows = (batch.labels[0, 1:] != IGNORE_INDEX).nonzero()[:, 0]  # position t predicts token t + 1
-    return att, rows[:1] if source == "prompt" else rows, batch.image_mask[0]
+    return att, rows, batch.image_mask[0]
 
 
 @torch.no_grad()
 def lm_image_attention(vlm, visual_tokens: torch.Tensor, prompt: str, answer: str, grid: tuple[int, int], *,
                        layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
-                       source: str = "answer") -> LMAttention:
+                       source: str = "answer", token: int | str = "all") -> LMAttention:
     """Attention from the answer onto the image tokens, for one image ``visual_tokens (1, N, C_vis)``.
 
     The sequence is the assembled prompt + ``answer`` + EOS. ``source="answer"`` averages the rows that predict
     the answer's tokens (the last prompt token through the last answer token), ``"prompt"`` takes the last prompt
-    token alone (the one that chose the first answer token).
+    token alone (the one that chose the first answer token). ``token=i`` takes the one row that predicts the
+    answer's token i (``answer_tokens``; the EOS last): where the LM looked when it wrote that token.
     """
-    att, rows, img = _lm_attention(vlm, visual_tokens, prompt, answer, source)
+    att, rows, img = _lm_attention(vlm, visual_tokens, prompt, answer, source, token)
     layers = tuple(range(len(att))) if layers is None else tuple(i % len(att) for i in layers)
     heads = tuple(range(att[0].shape[1])) if heads is None else tuple(heads)
     maps = torch.stack([att[i][0][list(heads)][:, rows][:, :, img].float().mean(1) for i in layers])  # (L, H, N)
-    return LMAttention(maps.reshape(len(layers), len(heads), *grid).cpu(), layers, heads, source)
+    return LMAttention(maps.reshape(len(layers), len(heads), *grid).cpu(), layers, heads, source, token)
 
 
 @torch.no_grad()
 def lm_attention_rollout(vlm, visual_tokens: torch.Tensor, prompt: str, answer: str, grid: tuple[int, int], *,
-                         source: str = "answer") -> torch.Tensor:
+                         source: str = "answer", token: int | str = "all") -> torch.Tensor:
     """``rollout`` over every LM layer (heads averaged) of the same pass as ``lm_image_attention``, read from the
     same rows onto the image positions: ``(h, w)``, summing to at most 1. Unlike one layer's map it counts what
     reaches the answer through earlier positions (the prompt's tokens read the image too)."""
-    att, rows, img = _lm_attention(vlm, visual_tokens, prompt, answer, source)
+    att, rows, img = _lm_attention(vlm, visual_tokens, prompt, answer, source, token)
     flow = rollout([a[0].float().mean(0) for a in att])  # (T, T)
     return flow[rows][:, img].mean(0).reshape(grid).cpu()

@@ -40,6 +40,20 @@ def analysis_scores(out_dir: str | Path) -> pd.DataFrame:
     return score_table(pd.read_csv(Path(out_dir) / "summary.csv"))
 
 
+def map_scores(out_dir: str | Path) -> tuple[str, pd.DataFrame]:
+    """The output's scores for a report, with a title naming it and how many samples it scored: one row per map
+    type x backbone, indexed by map type (in the summary's order); mass in box, pointing game, deletion AUC and the
+    random-order deletion baseline, each "mean [95% interval]"."""
+    summary = pd.read_csv(Path(out_dir) / "summary.csv")
+    table = score_table(summary)
+    order = list(dict.fromkeys(table["map"]))
+    table = table.sort_values("map", key=lambda m: m.map(order.index), kind="stable").set_index("map")
+    n = summary[summary.task == "grounding"].n.max()  # the samples with a ground-truth box, which the scores need
+    return (f"Explanation maps, analysis {Path(out_dir).name}" + (f" ({n:.0f} samples)" if pd.notna(n) else "") +
+            ": mean [95% interval]; deletion AUC: lower = the answer needed what the map marked, "
+            "beside the random-order AUC", table)
+
+
 def load_samples(out_dir: str | Path) -> pd.DataFrame:
     """One row per sample and backbone: ``id, backbone, image, expression, gt_box, answer, valid, iou, error``.
     A sample written again (a resumed error) counts by its last line; malformed lines are skipped."""

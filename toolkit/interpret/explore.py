@@ -5,9 +5,10 @@ A front end shows one map type for every selected backbone side by side, with on
 turns the map type's declared options (``toolkit.interpret.maps``) into menus over all of them: the union of each
 backbone's choices and, where an option admits a whole type, the values its ``menu`` lists (other values of the
 type can still be typed). A query patch is shared as a point of the ORIGINAL image (``PixelPoint``): backbones differ
-in grid and input frame, so each looks from its own cell that holds the point. ``gallery_maps`` computes the map for
-every backbone, or says why one has none; ``analysis_json`` exports answers, boxes, IoU and the maps (nested lists on
-their grid, with the geometry that places the grid on the image).
+in grid and input frame, so each looks from its own cell that holds the point; ``click_query`` turns a click on the
+image into the query menu's entry for the cell under it. ``gallery_maps`` computes the map for every backbone, or
+says why one has none; ``analysis_json`` exports answers, boxes, IoU and the maps (nested lists on their grid, with
+the geometry that places the grid on the image).
 """
 from __future__ import annotations
 
@@ -22,8 +23,7 @@ import torch
 from toolkit.interpret.analysis import Analysis
 from toolkit.interpret.context import MapContext
 from toolkit.interpret.inputs import format_pixel_box
-from toolkit.interpret.maps import admits, compute_map, map_options, map_type
-from toolkit.interpret.scan_paths import cell_of
+from toolkit.interpret.maps import MAP_TYPES, admits, compute_map, map_options, map_type
 
 
 class PixelPoint(NamedTuple):
@@ -95,10 +95,7 @@ def context_of(source: MapContext | Analysis) -> MapContext:
 def pixel_cell(ctx: MapContext, point: PixelPoint) -> tuple[int, int]:
     """The (row, col) of ``ctx``'s tap grid that holds ``point`` (original pixels; clamped into the input frame,
     so that a point a crop cut off takes the nearest cell)."""
-    g = ctx.geometry
-    y = min(max((point.y * g.sy + g.oy) / g.in_h, 0.0), 1.0)
-    x = min(max((point.x * g.sx + g.ox) / g.in_w, 0.0), 1.0)
-    return cell_of((y, x), ctx.grid)
+    return ctx.geometry.cell_at(point.x, point.y, ctx.grid, clamp=True)
 
 
 def cell_centre(ctx: MapContext, cell: tuple[int, int]) -> PixelPoint | None:
@@ -142,6 +139,33 @@ def option_controls(name: str, sources: Mapping[str, MapContext | Analysis]) -> 
         menu.setdefault(option_text(opt.default), (str(opt.default), opt.default))
         out.append(Control(key, opt.help, tuple(menu.values()), opt.default, tuple(free)))
     return out
+
+
+def query_option(name: str) -> str | None:
+    """The name of map type ``name``'s query-patch option; None for a map type that looks from no patch."""
+    return next((k for k, o in map_type(name).options.items() if isinstance(o.choices, tuple) and is_query(o.choices)),
+                None)
+
+
+def click_query(name: str, sources: Mapping[str, MapContext | Analysis], point: PixelPoint) -> tuple[str, PixelPoint]:
+    """What a click at ``point`` of the original image chooses for map type ``name``: its query option, and the
+    menu value (``option_controls``) of the first backbone's cell that holds the point, so that a menu shows that
+    cell and every backbone looks from its centre. ValueError when the map type looks from no patch, or when the
+    first backbone never saw the point (off the image, or cut off by a crop)."""
+    key = query_option(name)
+    if key is None:
+        having = ", ".join(n for n in MAP_TYPES if query_option(n))
+        raise ValueError(f"`{name}` looks from no patch: a click chooses the query patch of {having}")
+    if not sources:
+        raise ValueError("nothing analysed yet: run the models first")
+    first = context_of(next(iter(sources.values())))
+    cell = first.geometry.cell_at(point.x, point.y, first.grid)
+    centre = None if cell is None else cell_centre(first, cell)
+    if centre is None:
+        w, h = first.image.size
+        raise ValueError(f"the point ({point.x:g}, {point.y:g}) is not on the part of the {w}x{h} image that "
+                         f"{first.vlm.cfg.backbone} sees")
+    return key, centre
 
 
 def parse_options(name: str, sources: Mapping[str, MapContext | Analysis], values: Mapping[str, object]) -> dict:

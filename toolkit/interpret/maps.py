@@ -19,10 +19,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from toolkit.interpret.attention import lm_attention_rollout, lm_image_attention, skip_summary
+from toolkit.interpret.attention import answer_tokens, lm_attention_rollout, lm_image_attention, skip_summary
 from toolkit.interpret.attribution import pixel_saliency, token_integrated_gradients
 from toolkit.interpret.context import Capture, MapContext, build_context, probe, query_point
-from toolkit.interpret.scan_paths import cell_of, scan_paths_from_inputs
+from toolkit.interpret.scan_paths import cell_of, scan_directions, scan_paths_from_inputs
 from toolkit.interpret.similarity import text_image_similarity
 from toolkit.llm import token_embeddings
 from toolkit.vlm import VLM
@@ -170,18 +170,28 @@ def _lm_heads(vlm: VLM) -> tuple:
     return ("mean", *range(vlm.lm.config.num_attention_heads))
 
 
+def _answer_token_menu(ctx: MapContext) -> dict:
+    tokens = answer_tokens(ctx.vlm, ctx.tokens, ctx.prompt, ctx.answer)
+    return {i: f"{i}: {t}" for i, t in enumerate(tokens)}
+
+
 @register_map("lm_attention",
               Option("layer", "mean", _lm_layers, "an LM layer, the mean over layers, or the rollout over them"),
               Option("head", "mean", _lm_heads, "a head, or the mean over heads (rollout: the mean only)"),
               Option("source", "answer", ("answer", "prompt"),
-                     "rows that predict the answer's tokens, or the last prompt token alone"))
-def _lm_attention(ctx: MapContext, layer, head, source) -> torch.Tensor:
-    """Attention of the LM from the answer onto the image tokens (one layer and head, their mean, or rollout)."""
+                     "rows that predict the answer's tokens, or the last prompt token alone"),
+              Option("token", "all", ("all", int),
+                     "the row that wrote one of the answer's tokens (EOS last), or all of them (source 'answer')",
+                     _answer_token_menu))
+def _lm_attention(ctx: MapContext, layer, head, source, token) -> torch.Tensor:
+    """Attention of the LM from the answer (all its tokens, or the one that wrote a token) onto the image tokens
+    (one layer and head, their mean, or rollout)."""
+    rows = dict(source=source, token=token)
     if layer == "rollout":
         if head != "mean":
             raise ValueError("the LM attention rollout averages the heads: use head='mean'")
-        return lm_attention_rollout(ctx.vlm, ctx.tokens, ctx.prompt, ctx.answer, ctx.grid, source=source)
-    att = lm_image_attention(ctx.vlm, ctx.tokens, ctx.prompt, ctx.answer, ctx.grid, source=source,
+        return lm_attention_rollout(ctx.vlm, ctx.tokens, ctx.prompt, ctx.answer, ctx.grid, **rows)
+    att = lm_image_attention(ctx.vlm, ctx.tokens, ctx.prompt, ctx.answer, ctx.grid, **rows,
                              layers=None if layer == "mean" else [layer], heads=None if head == "mean" else [head])
     return att.mean()
 
@@ -213,27 +223,41 @@ def _tap_scan(cap: Capture) -> str | None:
     return names[-1] if names else None
 
 
+def _scan_paths(cap: Capture, module: str, point: tuple[float, float]):
+    """``scan_paths_from_inputs`` for one captured module: (paths, skipped)."""
+    return scan_paths_from_inputs(cap.vlm.backbone, {module: cap.scan_inputs[module]}, point,
+                                  tuple(cap.pixels.shape[-2:]))
+
+
 def _scan_check(cap: Capture) -> str | None:
     tap = _tap_scan(cap)
     if tap is None:
         return "the backbone has no scan modules"
-    _, skipped = scan_paths_from_inputs(cap.vlm.backbone, {tap: cap.scan_inputs[tap]}, (0.5, 0.5))
-    return skipped.get(tap)
+    return _scan_paths(cap, tap, (0.5, 0.5))[1].get(tap)
+
+
+def _directions(vlm: VLM) -> tuple:
+    return ("merged", *range(max(scan_directions(vlm.backbone).values(), default=0)))
 
 
 @register_map("scan_path",
-              Option("direction", "merged", ("merged", 0, 1, 2, 3), "one of the four scan directions, or their sum"),
+              Option("direction", "merged", _directions,
+                     "one scan direction (SS2D has four, a 1-D scan one), or their sum"),
               Option("module", "tap", lambda vlm: ("tap", *(n for n, _ in vlm.backbone.scan_modules())),
                      "a scan module, or the tap's (the last before the visual tokens)"),
               Option("query", "box-centre", ("box-centre", tuple), "(row, col) on the tap grid", _cell_menu),
               available=_scan_check)
 def _scan_path(ctx: MapContext, direction, module, query) -> torch.Tensor:
-    """Magnitude of an SS2D block's implicit attention from the query patch, resampled onto the tap grid."""
+    """Magnitude of a scan block's implicit attention from the query patch (SS2D's, or a 1-D scan's through the
+    windows it runs over), resampled onto the tap grid."""
     module = _tap_scan(ctx) if module == "tap" else module
-    paths, skipped = scan_paths_from_inputs(ctx.vlm.backbone, {module: ctx.scan_inputs[module]}, _point(ctx, query))
+    paths, skipped = _scan_paths(ctx, module, _point(ctx, query))
     if module in skipped:
         raise MapUnavailable(f"scan module {module}: {skipped[module]}")
     path = paths[module]
+    if direction != "merged" and direction >= len(path.per_direction):
+        raise MapUnavailable(f"scan module {module} runs {len(path.per_direction)} direction(s): no direction "
+                             f"{direction}")
     m = (path.merged if direction == "merged" else path.per_direction[direction]).abs()  # (h_s, w_s)
     # an earlier block scans a finer grid: average it onto the tap grid so that every map shares one grid
     return m if path.grid == ctx.grid else F.adaptive_avg_pool2d(m[None, None], ctx.grid)[0, 0]

@@ -215,10 +215,25 @@ def export_comparison(analyses: Mapping[str, Analysis], out_dir: str | Path, gal
     figure_formats = [f for f in formats if f != "json"]
     if not figure_formats:
         return written, None
+    figures, problem = _export_figure(side_by_side(analyses), out_dir, stem, figure_formats)
+    return written | figures, problem
+
+
+def export_gallery(sources: Mapping[str, Analysis | MapContext], gallery: Gallery, out_dir: str | Path, *,
+                   stem: str = "gallery", formats: Sequence[str] = ("png", "svg", "pdf")
+                   ) -> tuple[dict[str, Path], str | None]:
+    """The map gallery figure (``map_gallery`` of an already computed ``gallery``) as ``<stem>.<format>`` under
+    ``out_dir``; returns the files by format, and None or one line saying why they could not be written."""
+    return _export_figure(map_gallery(sources, gallery), Path(out_dir), stem, formats)
+
+
+def _export_figure(fig: go.Figure, out_dir: Path, stem: str, formats: Sequence[str]
+                   ) -> tuple[dict[str, Path], str | None]:
+    """``save_figure_as`` that answers a failure with one line instead of raising: a front end keeps serving what
+    it has (kaleido without a browser, or a browser that does not start)."""
     try:
-        paths = save_figure_as(side_by_side(analyses), out_dir / stem, figure_formats)
-    except Exception as e:  # kaleido without a browser, or a browser that does not start: say so, keep the JSON
+        paths = save_figure_as(fig, out_dir / stem, formats)
+    except Exception as e:
         reason = (str(e).splitlines() or [""])[0].replace(str(out_dir), "").strip()
-        return written, f"{'/'.join(f.upper() for f in figure_formats)} export is unavailable here ({reason[:160]})"
-    written.update(zip(figure_formats, paths))
-    return written, None
+        return {}, f"{'/'.join(f.upper() for f in formats)} export is unavailable here ({reason[:160]})"
+    return dict(zip(formats, paths)), None
