@@ -19,6 +19,7 @@ from toolkit.interpret import (DELETION_FRACTIONS, MAP_TYPES, MapUnavailable, ba
                                mass_in_box, pixel_saliency, pointing_game, random_map, text_image_similarity,
                                token_integrated_gradients)
 from toolkit.interpret.attention import rollout
+from toolkit.interpret.maps import MapSpec, parse_map_spec
 from toolkit.interpret.scores import curve_auc
 from toolkit.registry import create_backbone
 from toolkit.vlm import VLM, VLMConfig
@@ -503,3 +504,44 @@ def test_analyze_command_maps_the_windowed_families(tiny_run, tiny_tokenizer, tm
     summary = (out / "summary.md").read_text()
     assert "- vitdet-test: `scan_path`: the backbone has no scan modules" in summary
     assert "- mambavision-test: `" not in summary and "- vitdet-test: `backbone_attention`" not in summary
+
+
+def test_map_specs_name_options_and_label_their_scores(tiny_run, tmp_path, capsys, monkeypatch):
+    """`--maps` takes options per map (``name:option=value``): each spec is computed with them, scored and saved under
+    its own label beside the default map; a bad option or value is refused before any sample runs."""
+    assert parse_map_spec("lm_attention:token=2:layer=0") == MapSpec("lm_attention", dict(token=2, layer=0))
+    assert parse_map_spec("backbone_attention:query=(2, 3)").options == dict(query=(2, 3))
+    assert parse_map_spec("similarity:contextual=true").label == "similarity:contextual=true"
+    assert MapSpec("backbone_attention", dict(query=(2, 3))).label == "backbone_attention:query=(2,3)"
+    for bad, message in (("lm_attention:tokn=1", "has no option"), ("lm_attention:token", "is not option=value"),
+                         ("nope:token=1", "unknown map type")):
+        with pytest.raises(ValueError, match=message):
+            parse_map_spec(bad)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=lambda d, names: [n for n in names if d.endswith("vlms") and n != "vit-test"])
+    scene_image().save(tmp_path / "scene.png")
+    (tmp_path / "own.jsonl").write_text(json.dumps(dict(image="scene.png", expression="the red square",
+                                                        box=[4, 4, 18, 18])))
+    # the command analyses this very model (a tiny VLM's backbone is drawn at random on every load)
+    vlm = VLM.load(run / "vlms" / "vit-test").eval()
+    monkeypatch.setattr("toolkit.interpret.batch.load_vlms", lambda *a, **k: {"vit-test": vlm})
+    specs = "lm_attention,lm_attention:token=0,backbone_attention:module=rollout:query=(1,2)"
+    main(["analyze", "--run", str(run), "--expressions", str(tmp_path / "own.jsonl"), "--maps", specs,
+          "--threads", "1"])
+    out = run / "analysis" / "own" / "vit-test"
+    (row,) = [json.loads(s) for s in (out / "samples.jsonl").read_text().splitlines()]
+    labels = {"lm_attention", "lm_attention:token=0", "backbone_attention:module=rollout:query=(1,2)"}
+    assert set(row["maps"]) == labels
+    saved = np.load(out / "maps" / f"{row['id']}.npz")
+    ctx = build_context(vlm, scene_image(), "the red square")
+    assert torch.allclose(torch.from_numpy(saved["lm_attention:token=0"]), compute_map("lm_attention", ctx, token=0),
+                          atol=1e-6)
+    assert torch.allclose(torch.from_numpy(saved["backbone_attention:module=rollout:query=(1,2)"]),
+                          compute_map("backbone_attention", ctx, query=(1, 2)), atol=1e-6)
+    assert not torch.allclose(torch.from_numpy(saved["lm_attention:token=0"]), torch.from_numpy(saved["lm_attention"]))
+    assert "lm_attention:token=0" in (run / "analysis" / "own" / "summary.md").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["analyze", "--run", str(run), "--expressions", str(tmp_path / "own.jsonl"), "--maps",
+              "lm_attention:layer=99"])
+    assert "`lm_attention` option layer=99 is not one of" in capsys.readouterr().err

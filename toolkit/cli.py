@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 
@@ -90,7 +91,7 @@ def _cmd_analyze(a: argparse.Namespace) -> None:
     try:
         if a.images and not a.expressions:
             raise ValueError("--images goes with --expressions (the file naming the images)")
-        res = analyze_split(a.run, a.split, [m.strip() for m in a.maps.split(",") if m.strip()] if a.maps else None,
+        res = analyze_split(a.run, a.split, [m.strip() for m in re.split(r",(?![^(]*\))", a.maps) if m.strip()] if a.maps else None,
                             a.limit, a.images, a.expressions, a.out, a.cache, a.device, a.max_new_tokens)
     except (FileNotFoundError, ValueError) as e:  # bad input (HarnessError is a ValueError): one line, status 2
         print(f"vlmtk analyze: error: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
@@ -138,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                                         "scored against the ground-truth box: samples.jsonl, maps, summary.md/csv")
     an.add_argument("--run", required=True, help="the run directory")
     an.add_argument("--split", default="val", help="split of the run's scene world (default: %(default)s)")
-    an.add_argument("--maps", default=None, help="comma-separated map types (default: every registered one)")
+    an.add_argument("--maps", default=None, help="comma-separated map types (default: every registered one), each "
+                    "with options if wanted: lm_attention:token=2,scan_path:direction=0:query=(3,4)")
     an.add_argument("--limit", type=int, default=None, help="the first N samples")
     an.add_argument("--expressions", metavar="JSONL",
                     help='your own data instead: {"image": ..., "expression": ..., "box": [x1, y1, x2, y2]?} per line')

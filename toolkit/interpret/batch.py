@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from toolkit.interpret.context import build_context, probe
 from toolkit.interpret.inputs import load_image
-from toolkit.interpret.maps import MAP_TYPES, compute_map, map_type
+from toolkit.interpret.maps import MAP_TYPES, MapSpec, compute_map, parse_map_spec
 from toolkit.interpret.scores import deletion_curves, mass_in_box, pointing_game, random_map
 from toolkit.vlm import validate_expression
 from toolkit.runs import RunDir, load_vlms, run_world, vlm_dirs
@@ -107,8 +107,10 @@ def file_samples(jsonl: Path, images: Path | None, problems: list[str]) -> list[
                    e["box"], f"{jsonl.name}:{e['line']}") for e in load_expressions(jsonl, images, problems)]
 
 
-def _score_sample(vlm, s: Sample, names: Sequence[str], max_new_tokens: int) -> tuple[dict, dict[str, np.ndarray]]:
-    """One sample's line and maps; an unreadable image gives a line with ``error`` (retried on resume)."""
+def _score_sample(vlm, s: Sample, specs: Sequence[MapSpec], max_new_tokens: int
+                  ) -> tuple[dict, dict[str, np.ndarray]]:
+    """One sample's line and maps (keyed by the specs' labels); an unreadable image gives a line with ``error``
+    (retried on resume)."""
     row = dict(id=s.id, image=str(s.image), expression=s.expression, gt_box=s.gt_box, source=s.source)
     try:
         image = load_image(s.image)
@@ -118,8 +120,8 @@ def _score_sample(vlm, s: Sample, names: Sequence[str], max_new_tokens: int) -> 
     g = ctx.grounding
     row.update(answer=g.answer, valid=g.valid, pred_box=None if not g.valid else [round(v, 2) for v in g.box_pixels],
                iou=None if s.gt_box is None else round(ctx.iou(s.gt_box), 6), error=None)
-    maps = {m: compute_map(m, ctx) for m in names}
-    scores = {m: dict(mass_in_box=None, pointing_game=None, deletion_auc=None, deletion_iou=None) for m in names}
+    maps = {sp.label: compute_map(sp.name, ctx, **sp.options) for sp in specs}
+    scores = {m: dict(mass_in_box=None, pointing_game=None, deletion_auc=None, deletion_iou=None) for m in maps}
     if s.gt_box is not None:
         seed = int(s.id[:8], 16)  # the same random ranking for a sample whatever the backbone or rerun
         curves = deletion_curves(ctx, {**maps, RANDOM: random_map(ctx.grid, seed)}, s.gt_box)
@@ -134,22 +136,23 @@ def _score_sample(vlm, s: Sample, names: Sequence[str], max_new_tokens: int) -> 
     return row, {m: t.numpy() for m, t in maps.items()}
 
 
-def _analyze_backbone(vlm, name: str, samples: list[Sample], names: list[str], out: Path, max_new_tokens: int,
+def _analyze_backbone(vlm, name: str, samples: list[Sample], specs: list[MapSpec], out: Path, max_new_tokens: int,
                       progress: bool) -> tuple[list[dict], int]:
-    """Every sample not yet in ``out/samples.jsonl`` with all of ``names``; returns every sample's line and how
-    many were computed now."""
+    """Every sample not yet in ``out/samples.jsonl`` with all of ``specs``' maps; returns every sample's line and
+    how many were computed now."""
     from toolkit.eval.harness import _read_samples, model_fingerprint
 
     fp = model_fingerprint(vlm, max_new_tokens)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "samples.jsonl"
-    done = {k: r for k, r in _read_samples(path, fp, tqdm.write).items() if set(names) <= set(r["maps"])}
+    labels = {sp.label for sp in specs}
+    done = {k: r for k, r in _read_samples(path, fp, tqdm.write).items() if labels <= set(r["maps"])}
     todo = [s for s in samples if s.id not in done]
     with open(path, "a", encoding="utf-8") as f, \
             tqdm(total=len(samples), initial=len(samples) - len(todo), desc=name, unit="sample",
                  disable=not progress) as bar:
         for s in todo:
-            row, maps = _score_sample(vlm, s, names, max_new_tokens)
+            row, maps = _score_sample(vlm, s, specs, max_new_tokens)
             if maps:  # written before the line: a line means its maps are on disk
                 (out / "maps").mkdir(exist_ok=True)
                 np.savez_compressed(out / "maps" / f"{s.id}.npz", **maps)
@@ -185,15 +188,16 @@ def analyze_split(run_dir: str | Path, split: str = "val", maps: Sequence[str] |
     """Analyse every finished VLM of ``run_dir`` on the referring expressions of ``split`` of its scene world, or
     on ``expressions`` (a JSONL file as ``vlmtk eval`` reads it: ``{"image", "expression", "box"?}`` per line,
     images relative to ``images``, default the file's folder), the first ``limit`` of them; every map type of
-    ``maps`` (default: all registered) with its default options. Writes ``out`` (default
+    ``maps`` (default: all registered) with its default options, or the options a map names
+    (``"lm_attention:token=2"``: ``toolkit.interpret.maps.parse_map_spec``; scores and maps go by that name). Writes ``out`` (default
     ``<run>/analysis/<split>``, or ``<run>/analysis/<file stem>`` for own data) and returns its summary.
 
-    Unknown map names raise ValueError (naming the known ones); a map type a backbone does not have, a malformed
+    Unknown map names, options or option values raise ValueError (naming the known ones); a map type a backbone does not have, a malformed
     line, a refused expression or an unreadable image is reported in the summary, not raised."""
     from toolkit.report import results_frame
 
     run_dir = Path(run_dir)
-    names = list(MAP_TYPES) if not maps else [map_type(m).name for m in dict.fromkeys(maps)]
+    specs = [MapSpec(n) for n in MAP_TYPES] if not maps else [parse_map_spec(m) for m in dict.fromkeys(maps)]
     skipped: dict[str, str] = {}
     dirs = vlm_dirs(run_dir, skipped)
     if not dirs and not skipped:
@@ -214,12 +218,15 @@ def analyze_split(run_dir: str | Path, split: str = "val", maps: Sequence[str] |
             vlm = load_vlms(run_dir, [backbone], res.skipped_backbones)[backbone].to(device)
         except FileNotFoundError:  # it did not load: the reason is in skipped_backbones
             continue
+        for sp in specs:  # a value outside a model's choices fails here, before any sample
+            MAP_TYPES[sp.name].check_options(vlm, sp.options)
         cap = probe(vlm)  # one blank-image pass answers every map type's availability
-        res.unavailable[backbone] = {m: why for m in names if (why := MAP_TYPES[m].available(cap)) is not None}
-        have = [m for m in names if m not in res.unavailable[backbone]]
+        res.unavailable[backbone] = {sp.label: why for sp in specs
+                                     if (why := MAP_TYPES[sp.name].available(cap)) is not None}
+        have = [sp for sp in specs if sp.label not in res.unavailable[backbone]]
         lines, n = _analyze_backbone(vlm, backbone, samples, have, out / backbone, max_new_tokens, progress)
         res.computed += n
-        rows += _summary_rows(backbone, split, lines, have)
+        rows += _summary_rows(backbone, split, lines, [sp.label for sp in have])
         problems += [why for why in (f"{r['source']}: {r['error']}" for r in lines if r.get("error"))
                      if why not in problems]  # the same image fails for every backbone: listed once
         del vlm

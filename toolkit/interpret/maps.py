@@ -13,7 +13,8 @@ signed cosine, kept as it is (a negative value means "unlike the word", not "imp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -65,6 +66,15 @@ class MapType:
             raise ValueError(f"map type `{self.name}` has no option {sorted(unknown)}; it has "
                              f"{sorted(self.options) or 'none'}")
 
+    def check_options(self, vlm: VLM, options: dict) -> None:
+        """Raise ValueError for an undeclared option or a value outside its choices for ``vlm``."""
+        self.check_names(options)
+        for key, value in options.items():
+            choices = self.options[key].allowed(vlm)
+            if not admits(choices, value):
+                shown = ", ".join(c.__name__ if isinstance(c, type) else repr(c) for c in choices)
+                raise ValueError(f"`{self.name}` option {key}={value!r} is not one of: {shown}")
+
     def available(self, vlm_or_ctx: VLM | Capture) -> str | None:
         """None when the map exists for this model, else the reason. A VLM is probed with one backbone pass over a
         blank image (what it captures does not depend on the image); a context answers from its own capture."""
@@ -115,18 +125,52 @@ def compute_map(name: str, vlm_or_ctx: VLM | MapContext, image=None, expression:
     ``MapUnavailable``."""
     mt = map_type(name)
     vlm = vlm_or_ctx.vlm if isinstance(vlm_or_ctx, MapContext) else vlm_or_ctx
-    mt.check_names(options)
-    for key, value in options.items():
-        choices = mt.options[key].allowed(vlm)
-        if not admits(choices, value):
-            shown = ", ".join(c.__name__ if isinstance(c, type) else repr(c) for c in choices)
-            raise ValueError(f"`{name}` option {key}={value!r} is not one of: {shown}")
+    mt.check_options(vlm, options)
     ctx = vlm_or_ctx if isinstance(vlm_or_ctx, MapContext) else build_context(vlm, image, expression)
     why = mt.check(ctx)
     if why is not None:
         raise MapUnavailable(f"`{name}` is not available for {ctx.vlm.cfg.backbone}: {why}")
     kw = {k: o.default for k, o in mt.options.items()} | options
     return mt.fn(ctx, **kw).detach().float().cpu()
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """A map type with some options set, as text: ``"lm_attention:token=2:layer=0"`` (``parse_map_spec``); its
+    ``label`` names its maps and scores in a batch analysis."""
+
+    name: str
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        text = lambda v: f"({v[0]},{v[1]})" if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) \
+            else str(v)  # noqa: E731
+        return ":".join([self.name, *(f"{k}={text(v)}" for k, v in self.options.items())])
+
+
+def parse_map_spec(text: str) -> MapSpec:
+    """``"name[:option=value]..."`` -> MapSpec. Values: integers, ``true``/``false``, a cell ``(row,col)``, else the
+    text. An unknown map type or option raises ValueError; values are checked against a model by ``check_options``."""
+    name, *parts = [p.strip() for p in text.split(":")]
+    options = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"map `{text}`: `{part}` is not option=value")
+        options[key.strip()] = _spec_value(value.strip())
+    mt = map_type(name)
+    mt.check_names(options)
+    return MapSpec(mt.name, options)
+
+
+def _spec_value(text: str) -> object:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    cell = re.fullmatch(r"\(\s*(\d+)\s*[,\s]\s*(\d+)\s*\)", text)
+    return (int(cell[1]), int(cell[2])) if cell else text
 
 
 def _point(ctx: MapContext, query) -> tuple[float, float]:
