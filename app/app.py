@@ -33,7 +33,7 @@ from toolkit.interpret import (MAP_TYPES, PixelPoint, analysis_scores, analyze_s
 from toolkit.interpret.browse import SHOW
 from toolkit.interpret.explore import click_query, option_text
 from toolkit.report import load_results, reliance_flags, result_figures, summary_tables, tables_markdown
-from toolkit.runs import load_vlms
+from toolkit.runs import load_vlms, user_message
 from toolkit.viz import export_comparison, export_gallery, for_screen, map_gallery, side_by_side
 
 FIGURE_FORMATS = ("png", "svg", "pdf")
@@ -67,14 +67,6 @@ def _served_copy(path: str | Path, scratch: _Scratch) -> str:
     except OSError:
         raise gr.Error(f"the image `{copy.name}` is no longer where the run or its analysis found it") from None
     return str(copy)
-
-
-def _message(e: Exception, run_dir: Path) -> str:
-    """An exception's first line without the server's paths to the run."""
-    text = (str(e).splitlines() or [""])[0]
-    for p in sorted({str(run_dir.resolve()), str(run_dir)}, key=len, reverse=True):
-        text = text.replace(p, f"<run {run_dir.name}>")
-    return text
 
 
 def build_app(run_dir: str | Path) -> gr.Blocks:
@@ -219,7 +211,7 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
         try:
             analyze_split(run_dir, "val", limit=ANALYSE_LIMIT, progress=True)
         except (FileNotFoundError, ValueError) as e:
-            return gr.update(), f"**Cannot analyse {ANALYSE_LIMIT} val samples here:** {_message(e, run_dir)}"
+            return gr.update(), f"**Cannot analyse {ANALYSE_LIMIT} val samples here:** {user_message(e, run_dir)}"
         return dataset_choices()
 
     # ---- Run

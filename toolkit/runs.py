@@ -104,6 +104,15 @@ def vlm_dirs(run_dir: str | Path, skipped: dict[str, str] | None = None) -> dict
     return out
 
 
+def user_message(e: Exception, run_dir: str | Path) -> str:
+    """An exception's first line, the server's paths to the run (as given, and resolved) shown as ``<run NAME>``."""
+    run_dir = Path(run_dir)
+    text = (str(e).splitlines() or [""])[0]
+    for p in sorted({str(run_dir.resolve()), str(run_dir)}, key=len, reverse=True):
+        text = text.replace(p, f"<run {run_dir.name}>")
+    return text
+
+
 def load_vlms(run_dir: str | Path, names: list[str] | None = None,
               skipped: dict[str, str] | None = None) -> dict[str, VLM]:
     """Load a run's trained VLMs (all, or ``names``), each in eval mode on the CPU. A VLM that does not load (a
@@ -126,8 +135,7 @@ def load_vlms(run_dir: str | Path, names: list[str] | None = None,
         except Exception as e:  # any damage to one model's files must not take the others down
             if skipped is None:
                 raise
-            first = (str(e).splitlines() or [""])[0].replace(str(Path(run_dir)), "<run>")
-            skipped[n] = f"its files do not load ({first[:200]})"
+            skipped[n] = f"its files do not load ({user_message(e, run_dir)[:200]})"
     if not out:
         raise FileNotFoundError(f"no VLM under {RunDir(run_dir).vlms} loads: " +
                                 "; ".join(f"{k}: {v}" for k, v in (skipped or {}).items()))
