@@ -9,9 +9,9 @@ Inference = ``forward_tokens`` (to the tap) in eval mode under ``inference_mode`
 ``forward_tokens`` + backward of the mean-square of the tokens + one AdamW step (``zero_grad(set_to_none=True)``
 first). Models and inputs are channels-last, as the toolkit runs every backbone (``CHANNELS_LAST``: pretraining,
 dense tuning, the VLM's encoder). Every backbone is built once; the repetitions are interleaved (rep 1: A infer,
-A train, B infer, B train, ...; rep 2: ...), so slow drifts of a shared machine hit every backbone alike. The first ``--warmup`` repetitions
-are dropped (at the full batch: oneDNN and cuDNN pick and cache kernels per shape, so a smaller warm-up batch
-leaves the first timed repetition slow); the table gives the median of the next ``--steps`` (N). CUDA timings
+A train, B infer, B train, ...; rep 2: ...), so slow drifts of a shared machine hit every backbone alike. The first
+``--warmup`` repetitions are dropped (at the full batch: oneDNN and cuDNN pick and cache kernels per shape, so a
+smaller warm-up batch leaves the first timed repetition slow); the table gives the median of the next ``--steps`` (N). CUDA timings
 synchronise before and after each timed call. Ratios are relative to the first backbone listed (above 1: faster
 than it). Weights are random: nothing is downloaded; throughput does not depend on weight values.
 
@@ -194,7 +194,8 @@ def measure(names, *, batch: int, steps: int, warmup: int, device: str = "cpu", 
     for b in benches:
         ti, tt = statistics.median(times[b.name]["infer"]), statistics.median(times[b.name]["train"])
         rows.append({"backbone": b.name, "input": f"{b.hw[0]}x{b.hw[1]}", "params_M": b.params / 1e6,
-                     "batch": batch, "dtype": dtype, "N": len(times[b.name]["infer"]), "infer_s": ti, "infer_img_s": batch / ti,
+                     "batch": batch, "dtype": dtype, "N": len(times[b.name]["infer"]), "infer_s": ti,
+                     "infer_img_s": batch / ti,
                      "train_s": tt, "train_img_s": batch / tt,
                      "_infer_all_s": times[b.name]["infer"], "_train_all_s": times[b.name]["train"]})
     first = rows[0]
@@ -248,7 +249,8 @@ def main(argv=None) -> dict:
         if cuda:
             ap.error("--official-vmamba measures the official CPU fallback: use it without --device cuda")
         if not (args.official_vmamba / "vmamba.py").is_file():
-            ap.error(f"--official-vmamba {args.official_vmamba}: no vmamba.py there (give <checkout>/classification/models)")
+            ap.error(f"--official-vmamba {args.official_vmamba}: no vmamba.py there "
+                     "(give <checkout>/classification/models)")
         global _official_dir
         _official_dir = args.official_vmamba.resolve()
         names.append(OFFICIAL_VMAMBA)

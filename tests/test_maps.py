@@ -19,7 +19,7 @@ from toolkit.interpret import (DELETION_FRACTIONS, MAP_TYPES, MapUnavailable, ba
                                mass_in_box, pixel_saliency, pointing_game, random_map, text_image_similarity,
                                token_integrated_gradients)
 from toolkit.interpret.attention import rollout
-from toolkit.interpret.maps import MapSpec, parse_map_spec
+from toolkit.interpret.maps import MapSpec, parse_map_spec, split_map_specs
 from toolkit.interpret.scores import curve_auc
 from toolkit.registry import create_backbone
 from toolkit.vlm import VLM, VLMConfig
@@ -513,6 +513,8 @@ def test_map_specs_name_options_and_label_their_scores(tiny_run, tmp_path, capsy
     assert parse_map_spec("backbone_attention:query=(2, 3)").options == dict(query=(2, 3))
     assert parse_map_spec("similarity:contextual=true").label == "similarity:contextual=true"
     assert MapSpec("backbone_attention", dict(query=(2, 3))).label == "backbone_attention:query=(2,3)"
+    assert split_map_specs("similarity, lm_attention:token=1,backbone_attention:query=(1, 2)") == [
+        "similarity", "lm_attention:token=1", "backbone_attention:query=(1, 2)"]
     for bad, message in (("lm_attention:tokn=1", "has no option"), ("lm_attention:token", "is not option=value"),
                          ("nope:token=1", "unknown map type")):
         with pytest.raises(ValueError, match=message):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 
@@ -85,14 +84,15 @@ def _cmd_analyze(a: argparse.Namespace) -> None:
     import torch
 
     from toolkit.interpret import analyze_split
+    from toolkit.interpret.maps import split_map_specs
 
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
         if a.images and not a.expressions:
             raise ValueError("--images goes with --expressions (the file naming the images)")
-        res = analyze_split(a.run, a.split, [m.strip() for m in re.split(r",(?![^(]*\))", a.maps) if m.strip()] if a.maps else None,
-                            a.limit, a.images, a.expressions, a.out, a.cache, a.device, a.max_new_tokens)
+        res = analyze_split(a.run, a.split, split_map_specs(a.maps) if a.maps else None, a.limit, a.images,
+                            a.expressions, a.out, a.cache, a.device, a.max_new_tokens)
     except (FileNotFoundError, ValueError) as e:  # bad input (HarnessError is a ValueError): one line, status 2
         print(f"vlmtk analyze: error: {(str(e).splitlines() or [''])[0]}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -185,15 +185,15 @@ def analyze_split(run_dir: str | Path, split: str = "val", maps: Sequence[str] |
                   limit: int | None = None, images: str | Path | None = None, expressions: str | Path | None = None,
                   out: str | Path | None = None, cache_root: str | Path = "data_cache", device: str | None = None,
                   max_new_tokens: int = 24, progress: bool = True) -> SplitAnalysis:
-    """Analyse every finished VLM of ``run_dir`` on the referring expressions of ``split`` of its scene world, or
-    on ``expressions`` (a JSONL file as ``vlmtk eval`` reads it: ``{"image", "expression", "box"?}`` per line,
-    images relative to ``images``, default the file's folder), the first ``limit`` of them; every map type of
-    ``maps`` (default: all registered) with its default options, or the options a map names
-    (``"lm_attention:token=2"``: ``toolkit.interpret.maps.parse_map_spec``; scores and maps go by that name). Writes ``out`` (default
+    """Analyse every finished VLM of ``run_dir`` on the referring expressions of ``split`` of its scene world, or on
+    ``expressions`` (a JSONL file as ``vlmtk eval`` reads it: ``{"image", "expression", "box"?}`` per line, images
+    relative to ``images``, default the file's folder), the first ``limit`` of them; every map type of ``maps``
+    (default: all registered) with its default options, or the options a map names (``"lm_attention:token=2"``:
+    ``toolkit.interpret.maps.parse_map_spec``; scores and maps go by that name). Writes ``out`` (default
     ``<run>/analysis/<split>``, or ``<run>/analysis/<file stem>`` for own data) and returns its summary.
 
-    Unknown map names, options or option values raise ValueError (naming the known ones); a map type a backbone does not have, a malformed
-    line, a refused expression or an unreadable image is reported in the summary, not raised."""
+    Unknown map names, options or option values raise ValueError (naming the known ones); a map type a backbone does
+    not have, a malformed line, a refused expression or an unreadable image is reported in the summary, not raised."""
     from toolkit.report import results_frame
 
     run_dir = Path(run_dir)

@@ -144,9 +144,12 @@ class MapSpec:
 
     @property
     def label(self) -> str:
-        text = lambda v: f"({v[0]},{v[1]})" if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) \
-            else str(v)  # noqa: E731
-        return ":".join([self.name, *(f"{k}={text(v)}" for k, v in self.options.items())])
+        return ":".join([self.name, *(f"{k}={_spec_text(v)}" for k, v in self.options.items())])
+
+
+def split_map_specs(text: str) -> list[str]:
+    """``"a,b:query=(1,2)"`` -> ``["a", "b:query=(1,2)"]``: commas inside a cell's parentheses do not split."""
+    return [m.strip() for m in re.split(r",(?![^(]*\))", text) if m.strip()]
 
 
 def parse_map_spec(text: str) -> MapSpec:
@@ -162,6 +165,12 @@ def parse_map_spec(text: str) -> MapSpec:
     mt = map_type(name)
     mt.check_names(options)
     return MapSpec(mt.name, options)
+
+
+def _spec_text(value: object) -> str:  # what _spec_value reads back
+    if isinstance(value, tuple):
+        return f"({value[0]},{value[1]})"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _spec_value(text: str) -> object:
