@@ -7,7 +7,9 @@
 2. SS2D scan per stage shape: forward ms (under no_grad) and forward+backward ms (dy random) per backend, and the
    ratio torch/cpp. Shapes: the embedded VMamba (``vmamba-scene-128-s3``, batch 32 at 128 px; its scan inputs
    captured from the model, so with the strides it passes: channels-last maps) and VMamba-S at 224 px (stages 1-4,
-   d_state 1, ``--s224-batch``, inputs laid out as the model lays them out).
+   d_state 1, ``--s224-batch``, inputs laid out as the model lays them out). Beside each: the bandwidth bound (the
+   forward's least bytes at the copy bandwidth measured in the same run) and the arithmetic floor (the forward's
+   math alone, ``arithmetic_floor_ms`` of the extension: what the CPU's vector units need whatever the layout).
 3. Training step (train mode, channels-last batch 32 at 128 px, ``forward_tokens`` + backward of mean(tokens**2) +
    AdamW step, as benchmarks/bench_backbones.py): the embedded VMamba under each scan backend, and
    ``vit-scene-128`` (no scan) as the reference, interleaved.
@@ -176,20 +178,25 @@ def main(argv=None) -> dict:
     bw = out["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
     print(f"\nmemory bandwidth (256 MiB fp32 copy, best of 5): {bw:.1f} GB/s; bound = the forward's least bytes "
           "(inputs read once, y written once) at that bandwidth")
-    print("SS2D scan, ms (median of %d); ratio = torch / cpp; x bound = fwd cpp / bound" % args.reps)
+    print("SS2D scan, ms (median of %d); ratio = torch / cpp; x bound = fwd cpp / bound; math = the forward's "
+          "arithmetic alone on L1-resident data (the kernel's own softplus, exp and FMAs, best of 5): the floor "
+          "under any memory layout" % args.reps)
     head = f"| {'shape':<34} | {'fwd torch':>9} | {'fwd cpp':>8} | {'ratio':>6} | {'f+b torch':>9} | " \
-           f"{'f+b cpp':>8} | {'ratio':>6} | {'bound':>6} | {'x bound':>7} |"
+           f"{'f+b cpp':>8} | {'ratio':>6} | {'bound':>6} | {'x bound':>7} | {'math':>6} | {'math x bound':>12} |"
     print(head + "\n|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|", flush=True)
     out["scan"] = []
     for label, ins in shapes:
         t = time_scan(ins, BACKENDS, args.warmup, args.reps)
         bound = 1e3 * scan_bytes(ins) / (bw * 1e9)
+        delta, A = ins[1], ins[2]
+        math = extension().arithmetic_floor_ms(delta.numel(), A.shape[1], 5)
         row = {"shape": label, **{f"{k}_{b}_ms": t[b][k] for b in BACKENDS for k in ("fwd", "fwdbwd")},
-               "fwd_bound_ms": bound}
+               "fwd_bound_ms": bound, "fwd_math_ms": math}
         out["scan"].append(row)
         print(f"| {label:<34} | {t['torch']['fwd']:9.2f} | {t['cpp']['fwd']:8.2f} | "
               f"{t['torch']['fwd'] / t['cpp']['fwd']:6.1f} | {t['torch']['fwdbwd']:9.2f} | {t['cpp']['fwdbwd']:8.2f} | "
-              f"{t['torch']['fwdbwd'] / t['cpp']['fwdbwd']:6.1f} | {bound:6.2f} | {t['cpp']['fwd'] / bound:7.1f} |",
+              f"{t['torch']['fwdbwd'] / t['cpp']['fwdbwd']:6.1f} | {bound:6.2f} | {t['cpp']['fwd'] / bound:7.1f} | "
+              f"{math:6.2f} | {math / bound:12.1f} |",
               flush=True)
     del shapes
 

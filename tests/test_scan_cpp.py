@@ -251,3 +251,15 @@ def test_no_compiler_in_a_fresh_process_runs_torch_and_says_so_once(tmp_path):
     assert json.loads(proc.stdout.splitlines()[-1]) == {"seen": ["torch"] * 3, "same": True}
     said = [ln for ln in proc.stderr.splitlines() if "could not be built" in ln]
     assert len(said) == 1 and "no-such-c++" in said[0] and "'torch' backend" in said[0], proc.stderr[-3000:]
+
+
+def test_arithmetic_floor_runs_the_scan_math_and_refuses_bad_sizes(cpp):
+    """The benchmark's arithmetic floor: finite positive milliseconds for any state count (the fixed sizes and the
+    general one alike), and a clear error for a size that cannot be timed."""
+    ext = cppmod.extension()
+    for n_states in (1, 3, 16):
+        ms = ext.arithmetic_floor_ms(4 * 16 * 128, n_states, 1)
+        assert 0.0 < ms < 1e4
+    for bad in ((0, 1, 1), (16, 0, 1), (16, 1, 0)):
+        with pytest.raises(RuntimeError, match="must be positive"):
+            ext.arithmetic_floor_ms(*bad)
