@@ -1,6 +1,7 @@
 """The evaluation harness on files in the real layouts (REFER pickle + instances.json, VQAv2 questions + annotations,
 own JSONL): metric values against hand computation, VQAv2 soft accuracy and answer normalisation, both RefCOCO
-protocols, resume, the output files, bad input, and the `vlmtk eval` hooks."""
+protocols, resume, the output files, bad input, and the `vlmtk eval` hooks; the scene world's evaluation and training
+monitor, which answer through the harness's code."""
 from __future__ import annotations
 
 import argparse
@@ -9,11 +10,14 @@ import pickle
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import tiny_vlm
 from toolkit.boxes import GROUNDING_PROMPT
 from toolkit.data import SceneWorldConfig, VQA_PROMPT, build_world
+from toolkit.data.formats import load_refcoco, load_vqa_split
+from toolkit.eval.evaluate import evaluate_grounding, evaluate_vqa, grounding_monitor
 from toolkit.eval.harness import (HarnessError, add_eval_arguments, eval_command, load_expressions,
                                   normalize_vqa_answer, run_eval, vqa_soft_accuracy)
 
@@ -471,3 +475,64 @@ def test_eval_command_loads_a_saved_vlm_and_reports_bad_input(tmp_path, vlm, wor
         eval_command(parser.parse_args(["--model", str(tmp_path / "nomodel"), "--out", str(tmp_path / "o3"),
                                         "--expressions", str(tmp_path / "x.jsonl")]))
     assert "is not a complete VLM run" in capsys.readouterr().err
+
+
+def test_scene_world_evaluation_and_the_harness_give_the_same_answers(world, vlm, tmp_path, monkeypatch):
+    """The same records in the same batches (the harness orders them by image; these already are): the same answers,
+    scored alike, from real generation and from answers that are not boxes."""
+    root = world.root
+    refs, vqa = load_refcoco(root, "refcoco", "val"), load_vqa_split(root, "val")
+    assert [r.image_path for r in refs] == sorted(r.image_path for r in refs)
+    assert [r.image_path for r in vqa] == sorted(r.image_path for r in vqa)
+    kwargs = dict(refcoco_root=root, datasets=("refcoco",), splits=("val",), vqa_questions=root / "vqa" /
+                  "val_questions.json", vqa_annotations=root / "vqa" / "val_annotations.json",
+                  vqa_images=root / "images" / "val", batch_size=5, max_new_tokens=6)
+    box = GROUNDING_PROMPT.format(expression=refs[1].expression)
+    for run, fake in (("real", None), ("not boxes", FakeGenerate({box: "[0.00, 0.00, 0.50, 0.50]"}))):
+        if fake is not None:
+            monkeypatch.setattr(vlm, "generate", fake)
+        run_eval(vlm, tmp_path / run, **kwargs)
+        g, q = evaluate_grounding(vlm, refs, 5, 6), evaluate_vqa(vlm, vqa, VQA_PROMPT, 5, 6)
+        h = _samples(tmp_path / run, "refcoco")
+        assert [(s["expression"], s["answer"], s["valid"], s["correct"]) for s in h] == \
+            [(r["expression"], r["answer"], r["valid"], r["correct"]) for r in g], run
+        assert [s["iou"] for s in h] == pytest.approx([r["iou"] for r in g], abs=1e-6)
+        assert [s["answer"] for s in _samples(tmp_path / run, "vqav2")] == [r["answer"] for r in q]
+    assert [r["valid"] for r in g] == [r.expression == refs[1].expression for r in refs]
+
+
+def test_training_monitor_encodes_its_images_once_and_reads_as_without_the_cache(world, vlm, tiny_tokenizer,
+                                                                                monkeypatch):
+    """The backbone is frozen while a VLM trains: the monitor's first reading runs it, the later ones reuse its tokens,
+    bit for bit the tokens (and so the answers) the uncached evaluation generates from."""
+    records = [r for s in ("refcoco", "refcoco+", "refcocog") for r in load_refcoco(world.root, s, "val")]
+    n_batches = -(-len(records) // 5)  # 3 images, 36 expressions: images recur within and across batches
+    generated, real_generate = [], vlm.generate
+
+    def generate(tokens, prompts, max_new_tokens=24):
+        answers = real_generate(tokens, prompts, max_new_tokens)
+        generated.append((tokens.clone(), answers))
+        return answers
+
+    monkeypatch.setattr(vlm, "generate", generate)
+    encoded = []
+    hook = vlm.backbone.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
+    try:
+        monitor = grounding_monitor(records, batch_size=5, max_new_tokens=6)
+        readings = [monitor(vlm) for _ in range(3)]
+        assert len(encoded) == n_batches and sum(encoded) < len(records)  # the first reading, each image once a batch
+        rows = evaluate_grounding(vlm, records, 5, 6)
+        assert len(encoded) == 2 * n_batches
+    finally:
+        hook.remove()
+    assert readings == [{"acc@0.5": sum(r["correct"] for r in rows) / len(rows)}] * 3
+    uncached = generated[3 * n_batches:]
+    for k in range(3):
+        for (tokens, answers), (want_tokens, want_answers) in zip(generated[k * n_batches:(k + 1) * n_batches],
+                                                                 uncached):
+            assert torch.equal(tokens, want_tokens) and answers == want_answers
+    other = tiny_vlm(tiny_tokenizer, "vit-test")  # one monitor watches each VLM of a run in turn: its own tokens
+    hook = other.backbone.register_forward_hook(lambda module, args, out: encoded.append(args[0].shape[0]))
+    monitor(other)
+    hook.remove()
+    assert len(encoded) == 3 * n_batches

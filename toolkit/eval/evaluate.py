@@ -7,22 +7,18 @@ Every function returns per-example rows; ``summarize`` turns them into metric ro
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from typing import Iterable, Sequence
+from typing import Callable, Iterator, Sequence
+from weakref import WeakKeyDictionary
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from toolkit.boxes import GROUNDING_PROMPT, box_iou
+from toolkit.eval.answers import Answer, Encoded, answer_batch, batches
 from toolkit.eval.metrics import grounding_collapse, metric_row, normalize_answer, vqa_collapse
 from toolkit.vlm import VLM
 
 IOU_THRESHOLD = 0.5
-
-
-def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 @torch.no_grad()
@@ -30,27 +26,33 @@ def evaluate_grounding(vlm: VLM, records: Sequence, batch_size: int = 64, max_ne
                        desc: str = "grounding") -> list[dict]:
     """``records``: RefExample-like (image_path, expression, box_xyxy in original pixels, dataset).
     Returns one dict per record: answer, valid, iou, correct, the boxes and the image's (w, h) size."""
-    vlm.eval()
+    return _grounding_rows(vlm, records, batch_size, max_new_tokens, desc)
+
+
+def _grounding_rows(vlm: VLM, records: Sequence, batch_size: int, max_new_tokens: int, desc: str,
+                    encoded: dict[int, Encoded] | None = None) -> list[dict]:
     rows = []
-    for chunk in tqdm(list(_batches(records, batch_size)), desc=desc, unit="batch", leave=False):
-        images = [Image.open(r.image_path) for r in chunk]
-        prep = [vlm.preprocess(im) for im in images]
-        feats = vlm.encode_images(torch.stack([p[0] for p in prep]))
-        answers = vlm.generate(feats, [GROUNDING_PROMPT.format(expression=r.expression) for r in chunk], max_new_tokens)
-        for r, im, (_, geom), ans in zip(chunk, images, prep, answers):
-            g = vlm.read_box(ans, geom)
-            iou = float(box_iou(torch.tensor(g.box_pixels), torch.tensor(r.box_xyxy, dtype=torch.float32))) \
-                if g.valid else 0.0
-            rows.append(dict(dataset=r.dataset, expression=r.expression, answer=ans, valid=g.valid, iou=iou,
-                             correct=iou >= IOU_THRESHOLD, image_path=str(r.image_path),
-                             pred_box=g.box_pixels, gt_box=tuple(r.box_xyxy), image_size=im.size))
+    for r, a in _answered(vlm, records, lambda r: GROUNDING_PROMPT.format(expression=r.expression), batch_size,
+                          max_new_tokens, desc, encoded):
+        g = a.box
+        iou = float(box_iou(torch.tensor(g.box_pixels), torch.tensor(r.box_xyxy, dtype=torch.float32))) \
+            if g.valid else 0.0
+        rows.append(dict(dataset=r.dataset, expression=r.expression, answer=a.text, valid=g.valid, iou=iou,
+                         correct=iou >= IOU_THRESHOLD, image_path=str(r.image_path), pred_box=g.box_pixels,
+                         gt_box=tuple(r.box_xyxy), image_size=(g.geometry.orig_w, g.geometry.orig_h)))
     return rows
 
 
 def grounding_monitor(records: Sequence, batch_size: int = 64, max_new_tokens: int = 20):
-    """A ``train_vlm`` monitor: ``vlm -> {"acc@0.5": share of records grounded at IoU >= 0.5}``."""
+    """A ``train_vlm`` monitor: ``vlm -> {"acc@0.5": share of records grounded at IoU >= 0.5}``.
+
+    The backbone is frozen while a VLM trains, so the records' visual tokens are computed at the monitor's first
+    reading and reused at the later ones; they are kept per VLM, since one monitor watches each VLM in turn."""
+    encoded: WeakKeyDictionary = WeakKeyDictionary()  # VLM -> its tokens, gone with the VLM
+
     def monitor(vlm: VLM) -> dict[str, float]:
-        rows = evaluate_grounding(vlm, records, batch_size, max_new_tokens, desc="monitor grounding")
+        rows = _grounding_rows(vlm, records, batch_size, max_new_tokens, "monitor grounding",
+                               encoded.setdefault(vlm, {}))
         return {"acc@0.5": sum(r["correct"] for r in rows) / max(1, len(rows))}
     return monitor
 
@@ -59,16 +61,25 @@ def grounding_monitor(records: Sequence, batch_size: int = 64, max_new_tokens: i
 def evaluate_vqa(vlm: VLM, records: Sequence, prompt_format: str, batch_size: int = 64, max_new_tokens: int = 8,
                  desc: str = "vqa") -> list[dict]:
     """``records``: VQAExample-like (image_path, question, answer, question_type); exact match after normalising."""
+    return [dict(question_type=r.question_type, question=r.question, answer=a.text, gt=r.answer,
+                 correct=normalize_answer(a.text) == normalize_answer(r.answer))
+            for r, a in _answered(vlm, records, lambda r: prompt_format.format(question=r.question), batch_size,
+                                  max_new_tokens, desc)]
+
+
+def _answered(vlm: VLM, records: Sequence, prompt_of: Callable[[object], str], batch_size: int, max_new_tokens: int,
+              desc: str, encoded: dict[int, Encoded] | None = None) -> Iterator[tuple[object, Answer]]:
+    """(record, its answer) for every record, a batch at a time. ``encoded`` keeps each batch's visual tokens by
+    batch number, not one set for all batches: an image met again in a later batch is then encoded again, as without
+    it, because a backbone's tokens can differ in the last bits with the batch they were computed in."""
     vlm.eval()
-    rows = []
-    for chunk in tqdm(list(_batches(records, batch_size)), desc=desc, unit="batch", leave=False):
-        pixels = torch.stack([vlm.preprocess(Image.open(r.image_path))[0] for r in chunk])
-        answers = vlm.generate(vlm.encode_images(pixels), [prompt_format.format(question=r.question) for r in chunk],
-                               max_new_tokens)
-        for r, ans in zip(chunk, answers):
-            rows.append(dict(question_type=r.question_type, question=r.question, answer=ans, gt=r.answer,
-                             correct=normalize_answer(ans) == normalize_answer(r.answer)))
-    return rows
+    for i, chunk in enumerate(tqdm(list(batches(records, batch_size)), desc=desc, unit="batch", leave=False)):
+        answers = answer_batch(vlm, [r.image_path for r in chunk], [prompt_of(r) for r in chunk], max_new_tokens,
+                               None if encoded is None else encoded.setdefault(i, {}))
+        for r, a in zip(chunk, answers):
+            if a.error is not None:  # the world's own images: a missing one is a broken world, not a wrong answer
+                raise OSError(a.error)
+            yield r, a
 
 
 def summarize(backbone: str, grounding: Sequence[dict], vqa: Sequence[dict]) -> list[dict]:

@@ -54,13 +54,13 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from toolkit.report import latex_table
 from toolkit.boxes import GROUNDING_PROMPT, box_iou, normalize_box, parse_box
 from toolkit.data.expressions import VQA_PROMPT
 from toolkit.data.formats import REFS_FILE, FormatError, load_annotation_pickle, load_refcoco, load_vqa
+from toolkit.eval.answers import Answer, answer_batch, batches
 from toolkit.eval.metrics import metric_row, normalize_answer
 
 REFCOCO_DATASETS = ("refcoco", "refcoco+", "refcocog")
@@ -419,11 +419,11 @@ def model_fingerprint(vlm, max_new_tokens: int) -> str:
     return h.hexdigest()[:16]
 
 
-def _score_grounding(vlm, it: _Item, answer: str | None, geom, error: str | None) -> dict:
+def _score_grounding(vlm, it: _Item, a: Answer) -> dict:
     row = dict(it.meta)
-    g = None if error is not None else vlm.read_box(answer, geom)
+    g, geom = a.box, None if a.box is None else a.box.geometry
     pred = None if g is None or not g.valid else g.box_pixels
-    row.update(answer=answer, valid=bool(g is not None and g.valid),
+    row.update(answer=a.text, valid=bool(g is not None and g.valid),
                parsed_box=_rounded(g.box_norm) if g is not None and g.valid else None,
                pred_box=_rounded(pred), target_box=_rounded(it.target_box),
                image_size=None if geom is None else [geom.orig_w, geom.orig_h], box_frame=vlm.cfg.box_frame)
@@ -433,7 +433,7 @@ def _score_grounding(vlm, it: _Item, answer: str | None, geom, error: str | None
         iou = _iou(pred, it.target_box)
         row.update(iou=round(iou, 6), correct=iou >= 0.5, center_hit=_centre_inside(pred, it.target_box))
     if it.prismatic:
-        box = parse_box(answer) if error is None else None
+        box = parse_box(a.text) if a.error is None else None
         target = None if geom is None else normalize_box(it.target_box, geom.orig_w, geom.orig_h)
         p_iou = _iou(box, target)
         row["prismatic"] = dict(valid=box is not None, target_box_norm=_rounded(target), iou=round(p_iou, 6),
@@ -441,52 +441,23 @@ def _score_grounding(vlm, it: _Item, answer: str | None, geom, error: str | None
     return row
 
 
-def _score_vqa(vlm, it: _Item, answer: str | None, geom, error: str | None) -> dict:
+def _score_vqa(vlm, it: _Item, a: Answer) -> dict:
     row = dict(it.meta)
-    soft = 0.0 if error is not None else vqa_soft_accuracy(answer, it.human_answers)
-    exact = error is None and normalize_answer(answer) == normalize_answer(it.target)
-    row.update(answer=answer, answer_normalized=None if answer is None else normalize_vqa_answer(answer),
+    soft = 0.0 if a.error is not None else vqa_soft_accuracy(a.text, it.human_answers)
+    exact = a.error is None and normalize_answer(a.text) == normalize_answer(it.target)
+    row.update(answer=a.text, answer_normalized=None if a.text is None else normalize_vqa_answer(a.text),
                target=it.target, human_answers=list(it.human_answers), exact_match=bool(exact),
                vqa_accuracy=round(soft, 6))
     return row
 
 
-def _open_image(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im.copy()
-
-
-@torch.no_grad()
 def _answer_batch(vlm, items: Sequence[_Item], max_new_tokens: int, score, fingerprint: str,
                   log: Callable[[str], None]) -> list[dict]:
-    """Answer one batch; each distinct image is read and encoded once. Unreadable images give error rows."""
-    prepared: dict[Path, tuple] = {}
-    errors: dict[Path, str] = {}
-    for it in items:
-        if it.image in prepared or it.image in errors:
-            continue
-        try:
-            prepared[it.image] = vlm.preprocess(_open_image(it.image))
-        except Exception as e:  # any reason an image cannot be read is that sample's error, not the run's
-            why = (str(e).splitlines() or [""])[0]
-            errors[it.image] = f"cannot open image {it.image}: {type(e).__name__}: {why}"
-            log(errors[it.image])
-    ok = [it for it in items if it.image in prepared]
-    answers: dict[str, str] = {}
-    if ok:
-        order = list(prepared)
-        feats = vlm.encode_images(torch.stack([prepared[p][0] for p in order]))  # (U, N, C_vis)
-        index = torch.tensor([order.index(it.image) for it in ok], device=feats.device)
-        outs = vlm.generate(feats[index], [it.prompt for it in ok], max_new_tokens)
-        answers = {it.id: a for it, a in zip(ok, outs)}
-    rows = []
-    for it in items:
-        err = errors.get(it.image)
-        geom = prepared[it.image][1] if err is None else None
-        row = score(vlm, it, answers.get(it.id), geom, err)
-        rows.append(dict(id=it.id, image=str(it.image), prompt=it.prompt, **row, error=err, model=fingerprint))
-    return rows
+    """Answer and score one batch (``answer_batch``: each distinct image read and encoded once; an unreadable one
+    gives error rows)."""
+    answers = answer_batch(vlm, [it.image for it in items], [it.prompt for it in items], max_new_tokens, log=log)
+    return [dict(id=it.id, image=str(it.image), prompt=it.prompt, **score(vlm, it, a), error=a.error,
+                 model=fingerprint) for it, a in zip(items, answers)]
 
 
 def _read_samples(path: Path, fingerprint: str, log: Callable[[str], None]) -> dict[str, dict]:
@@ -530,8 +501,8 @@ def _run_task(vlm, task: _Task, path: Path, done: dict[str, dict], batch_size: i
     fresh: dict[str, dict] = {}
     with open(path, "a", encoding="utf-8") as f, \
             tqdm(total=len(task.items), initial=len(task.items) - len(todo), desc=task.name, unit="sample") as bar:
-        for i in range(0, len(todo), batch_size):
-            rows = _answer_batch(vlm, todo[i:i + batch_size], max_new_tokens, score, fingerprint, log)
+        for batch in batches(todo, batch_size):
+            rows = _answer_batch(vlm, batch, max_new_tokens, score, fingerprint, log)
             f.write("".join(json.dumps(r) + "\n" for r in rows))
             f.flush()
             os.fsync(f.fileno())
