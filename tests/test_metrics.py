@@ -9,7 +9,7 @@ import pytest
 
 from toolkit.eval.evaluate import summarize
 from toolkit.eval.metrics import bootstrap_ci, grounding_collapse, metric_row, vqa_collapse
-from toolkit.report import results_frame, summary_tables, write_report
+from toolkit.report import results_frame, summary_tables, summary_text, write_report
 
 
 def _g(ds, answer, valid, box, correct=False, size=(200, 100)):
@@ -78,6 +78,19 @@ def test_summarize_emits_intervals_and_collapse_rows_the_report_shows():
     diag = tables["Collapse diagnostics"]
     assert list(diag.columns) == ["task", "split", "box_spread", "top_answer_share", "zero_area_rate"]
     assert diag.loc[diag.split == "refcoco", "top_answer_share"].item() == 1.0
+
+
+def test_summary_text_holds_every_table_under_its_title_and_prints_nothing(capsys):
+    rows = summarize("vit", [_g("refcoco", "[0.10, 0.20, 0.30, 0.40]", True, (20.0, 20.0, 60.0, 40.0), correct=i < 3)
+                             for i in range(10)], [])
+    df = results_frame(rows)
+    text = summary_text(df)
+    assert capsys.readouterr().out == ""
+    assert text.startswith("\n") and text.endswith("\n")  # `vlmtk demo` prints it as it is
+    blocks = text.strip("\n").split("\n\n")  # a blank line before each table's title
+    assert [block.splitlines()[0] for block in blocks] == list(summary_tables(df)) and len(blocks) >= 2
+    assert "\nGrounding Acc@IoU>=0.5\n" in text and "0.300 [" in text
+    assert summary_text(df.iloc[:0]) == ""
 
 
 def test_report_keeps_numbers_in_csv_and_intervals_in_markdown(tmp_path):

@@ -218,13 +218,40 @@ def test_write_result_figures_writes_html_and_links_them(tmp_path):
     rows = _score_rows().to_dict("records")
     df = write_report(tmp_path, rows, {}, SimpleNamespace(name="t", backbones=("vit-test",), connector="mlp2x_gelu"),
                       figures=True)
-    written = write_result_figures(tmp_path, df)
+    written = write_result_figures(tmp_path, df).paths
     assert {p.name for p in written} >= {"training_curves.html", "scores.html"}
     assert all(p.is_file() and p.parent == tmp_path / "figures" for p in written)
     html = (tmp_path / "figures" / "training_curves.html").read_text()
     assert "vit-test" in html and "vit-test+dense" not in html  # the segmentation curve is not a pretraining curve
     md = (tmp_path / "results.md").read_text()
     assert "## Figures" in md and "(figures/training_curves.html)" in md and "(figures/scores.png)" in md
+
+
+def test_report_functions_return_their_notes_and_print_nothing(tmp_path, monkeypatch, capsys):
+    """Without a browser for kaleido the figures are HTML and one note says so (not one per figure); a run without
+    an analysis output gets a note saying how to make one. The caller (``vlmtk``) prints them."""
+    import toolkit.viz.figures as figures
+    from toolkit.report import write_map_score_tables, write_result_figures
+
+    tries, html_only = [], figures.save_figure_as
+
+    def no_browser(fig, stem, formats, **kw):
+        if formats != ["html"]:
+            tries.append(formats)
+            raise RuntimeError("Kaleido requires Google Chrome to be installed.\nInstall it with ...")
+        return html_only(fig, stem, formats, **kw)
+
+    monkeypatch.setattr(figures, "save_figure_as", no_browser)
+    written = write_result_figures(tmp_path, _score_rows(), formats=("html", "png", "svg"))
+    assert [p.name for p in written.paths] == ["training_curves.html", "scores.html"]
+    assert all(p.is_file() for p in written.paths) and tries == [["png", "svg"]]
+    assert written.notes == ["PNG/PDF/SVG export skipped (RuntimeError: Kaleido requires Google Chrome to be "
+                             f"installed.); the figures are HTML in {tmp_path / 'figures'}. For images: `make "
+                             "chromium`, then run again."]
+    tables = write_map_score_tables(tmp_path, tmp_path / "figures")
+    assert tables.paths == [] and len(tables.notes) == 1
+    assert tables.notes[0].startswith("No map-score table: No finished `vlmtk analyze` output in this run yet")
+    assert capsys.readouterr().out == ""
 
 
 def test_markup_in_expressions_and_answers_is_shown_as_text(analyses):

@@ -9,7 +9,7 @@ import sys
 def _cmd_demo(a: argparse.Namespace) -> None:
     from toolkit.config import apply_overrides, preset
     from toolkit.pipeline import run_experiment
-    from toolkit.report import print_summary, results_frame
+    from toolkit.report import results_frame, summary_text
 
     overrides = {"name": a.name} if a.name else {}
     if a.backbones:
@@ -34,7 +34,7 @@ def _cmd_demo(a: argparse.Namespace) -> None:
 
     if not distributed.current().main:  # under torchrun rank 0 reports
         return
-    print_summary(results_frame(res["rows"]))
+    print(summary_text(results_frame(res["rows"])), end="")
     print(f"\nReport: {res['run_dir']}/results.md   CSV: {res['run_dir']}/results.csv   "
           f"Figures: {res['run_dir']}/figures/")
     print("Next: `make app` opens the Gradio app on these models; `make lab` opens the notebooks.")
@@ -77,7 +77,7 @@ def _cmd_figures(a: argparse.Namespace) -> None:
 
     written = write_all_figures(a.run, formats=tuple(f.strip() for f in a.formats.split(",") if f.strip()),
                                 examples=not a.no_examples)
-    print("\n".join(str(p) for p in written))
+    print("\n".join(written.notes + [str(p) for p in written.paths]))
 
 
 def _cmd_analyze(a: argparse.Namespace) -> None:

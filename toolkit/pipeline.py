@@ -221,8 +221,8 @@ def run_experiment(cfg: ExperimentConfig, runs_root: str | Path = "runs", cache_
     if make_figures:
         from toolkit.report import write_figures, write_result_figures
 
-        write_result_figures(run.root, df)
-        write_figures(run.root, refs, cfg)
+        for note in write_result_figures(run.root, df).notes + write_figures(run.root, refs, cfg).notes:
+            _log(note)
     _log(f"done in {time.time() - t_start:.0f} s; report: {run.results_md}")
     return dict(run_dir=run.root, rows=rows, pretrain=pre)
 

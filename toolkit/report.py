@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import pandas as pd
 
@@ -26,6 +26,19 @@ SCORE_TABLES = (("Grounding Acc@IoU>=0.5", "grounding", "acc@0.5", True),
                 ("Dense-task tuning: segmentation mIoU (val scenes)", "dense", "miou", False))
 RESULT_FIGURES = (("training_curves", "Training loss per backbone: backbone pretraining and VLM training"),
                   ("scores", "Grounding and VQA scores with their 95% intervals, beside the chance baselines"))
+
+
+class Written(NamedTuple):
+    """The files a report function wrote, and the notes its user should see (an export skipped, a table not made):
+    the caller shows them, since library code prints nothing."""
+
+    paths: list[Path]
+    notes: list[str]
+
+
+def _joined(parts: Iterable[Written]) -> Written:
+    parts = list(parts)
+    return Written([p for w in parts for p in w.paths], [n for w in parts for n in w.notes])
 
 
 def results_frame(rows: Sequence[dict]) -> pd.DataFrame:
@@ -116,9 +129,10 @@ def reliance_flags(df: pd.DataFrame) -> list[str]:
             "nats per token with another scene's image tokens): their scores come from the text alone.", ""]
 
 
-def print_summary(df: pd.DataFrame) -> None:
-    for title, table in summary_tables(df).items():
-        print(f"\n{title}\n{table.to_string(float_format=lambda v: f'{v:.3f}')}")
+def summary_text(df: pd.DataFrame) -> str:
+    """``summary_tables`` as plain text for a terminal, each table after a blank line and its title."""
+    return "".join(f"\n{title}\n{table.to_string(float_format=lambda v: f'{v:.3f}')}\n"
+                   for title, table in summary_tables(df).items())
 
 
 _TEX_SPECIAL = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
@@ -141,7 +155,7 @@ def latex_table(title: str, df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_figures(run_dir: Path, refs: Sequence, cfg, formats: Sequence[str] = ("html", "png")) -> list[Path]:
+def write_figures(run_dir: Path, refs: Sequence, cfg, formats: Sequence[str] = ("html", "png")) -> Written:
     """The side-by-side figure (box, similarity, LM attention, backbone map per backbone) for a few val
     expressions, one of each style, as PNG (when a Chromium is at hand) and self-contained HTML."""
     from toolkit.interpret import compare
@@ -165,7 +179,7 @@ def write_figures(run_dir: Path, refs: Sequence, cfg, formats: Sequence[str] = (
     return _save_figures(figures(), RunDir(run_dir).figures, formats)
 
 
-def write_result_figures(run_dir: Path, df: pd.DataFrame, formats: Sequence[str] = ("html", "png")) -> list[Path]:
+def write_result_figures(run_dir: Path, df: pd.DataFrame, formats: Sequence[str] = ("html", "png")) -> Written:
     """Training curves (from the pretraining records in ``backbones/`` and each VLM's ``train_record.json``) and the
     score bars of ``df``, as self-contained HTML and PNG (when a Chromium is at hand)."""
     return _save_figures(result_figures(run_dir, df), RunDir(run_dir).figures, formats)
@@ -210,28 +224,28 @@ def tables_markdown(tables: dict[str, pd.DataFrame], level: int = 2, floatfmt: s
 
 
 def write_all_figures(run_dir: str | Path, formats: Sequence[str] = ("html", "png", "pdf", "svg"),
-                      examples: bool = True) -> list[Path]:
+                      examples: bool = True) -> Written:
     """Every figure and table of a finished run, again, from what it saved (``vlmtk figures``): training curves,
     score bars with intervals, backbone top-1 against VLM grounding, the side-by-side examples (they rerun the
     VLMs on a few val expressions; ``examples=False`` skips them) in ``formats``, the report's tables as
     ``figures/tables.md`` and ``figures/tables.tex``, and the map-score tables of the run's ``vlmtk analyze``
-    outputs as ``figures/map_scores.md`` and ``.tex`` (``write_map_score_tables``)."""
+    outputs as ``figures/map_scores.md`` and ``.tex`` (``write_map_score_tables``); with the notes of what was
+    not made."""
     from toolkit.config import ExperimentConfig
     from toolkit.data import load_refcoco
 
     run_dir = Path(run_dir)
     df = load_results(run_dir)
-    written = write_result_figures(run_dir, df, formats)
     out = RunDir(run_dir).figures
-    written += write_tables(summary_tables(df), out / "tables")
-    written += write_map_score_tables(run_dir, out)
+    parts = [write_result_figures(run_dir, df, formats), Written(write_tables(summary_tables(df), out / "tables"), []),
+             write_map_score_tables(run_dir, out)]
     world = run_world(run_dir)
     if examples and world is not None:
         cfg = ExperimentConfig.load(RunDir(run_dir).config)
         refs = [r for s in ("refcoco", "refcoco+", "refcocog")
                 for r in load_refcoco(world, s, "val")[: cfg.eval.max_per_style]]
-        written += write_figures(run_dir, refs, cfg, formats)
-    return written
+        parts.append(write_figures(run_dir, refs, cfg, formats))
+    return _joined(parts)
 
 
 def write_tables(tables: dict[str, pd.DataFrame], stem: Path) -> list[Path]:
@@ -243,18 +257,16 @@ def write_tables(tables: dict[str, pd.DataFrame], stem: Path) -> list[Path]:
     return [md, tex]
 
 
-def write_map_score_tables(run_dir: str | Path, out_dir: Path) -> list[Path]:
+def write_map_score_tables(run_dir: str | Path, out_dir: Path) -> Written:
     """The scores of every ``vlmtk analyze`` output of the run (``toolkit.interpret.browse.map_scores``: map type
     x backbone, mass in box, pointing game, deletion AUC beside the random-order baseline, with their intervals) as
-    ``out_dir/map_scores.md`` and ``.tex``. A run without one gets none, and one printed line saying how to make
-    one."""
+    ``out_dir/map_scores.md`` and ``.tex``. A run without one gets none, and one note saying how to make one."""
     from toolkit.interpret.browse import find_analyses, map_scores, no_analysis_message
 
     tables = dict(map_scores(d) for d in find_analyses(run_dir).values())
     if not tables:
-        print(f"No map-score table: {no_analysis_message(run_dir)}")
-        return []
-    return write_tables(tables, out_dir / "map_scores")
+        return Written([], [f"No map-score table: {no_analysis_message(run_dir)}"])
+    return Written(write_tables(tables, out_dir / "map_scores"), [])
 
 
 def top1_vs_grounding(df: pd.DataFrame):
@@ -283,9 +295,9 @@ def top1_vs_grounding(df: pd.DataFrame):
     return fig
 
 
-def _save_figures(figures: Iterable, out_dir: Path, formats: Sequence[str] = ("html", "png")) -> list[Path]:
+def _save_figures(figures: Iterable, out_dir: Path, formats: Sequence[str] = ("html", "png")) -> Written:
     """(figure, file stem) pairs -> ``out_dir/<stem>.<format>``; image export (png, pdf, svg through kaleido) is
-    skipped, with one message, once it fails (no browser for kaleido), since it would fail for every figure."""
+    skipped, with one note, once it fails (no browser for kaleido), since it would fail for every figure."""
     from toolkit.viz.figures import save_figure_as
 
     written, image_error = [], None
@@ -298,11 +310,11 @@ def _save_figures(figures: Iterable, out_dir: Path, formats: Sequence[str] = ("h
                 written += save_figure_as(fig, out_dir / stem, images)
             except Exception as e:  # the HTML still holds the figure
                 image_error = e
-    if image_error is not None:
-        reason = (str(image_error).splitlines() or [""])[0]
-        print(f"PNG/PDF/SVG export skipped ({type(image_error).__name__}: {reason}); the figures are HTML in "
-              f"{out_dir}. For images: `make chromium`, then run again.")
-    return written
+    if image_error is None:
+        return Written(written, [])
+    reason = (str(image_error).splitlines() or [""])[0]
+    return Written(written, [f"PNG/PDF/SVG export skipped ({type(image_error).__name__}: {reason}); the figures are "
+                             f"HTML in {out_dir}. For images: `make chromium`, then run again."])
 
 
 def seed_summary(df: pd.DataFrame) -> pd.DataFrame:
