@@ -94,13 +94,19 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
         e = examples[evt.index]
         return _served_copy(e.image, scratch), e.expression, format_pixel_box(e.gt_box)
 
-    def run(image_path, expression, names, gt_text):
+    def forget_figure(shown):
+        """Before a run: the figure downloads go, until ``export_figure`` has made the new figure's files."""
+        shown["figure"] = None  # from now on, files an export of the previous figure makes are stale
+        return (*no_downloads, "")
+
+    def run(image_path, expression, names, gt_text, shown):
         try:
             analyses = compare({n: vlms[n] for n in names or ()}, load_image(image_path), expression,
                                gt_box=parse_pixel_box(gt_text))
         except ValueError as e:
             gr.Warning(str(e))
             return None, empty, f"**Cannot run:** {e}", None
+        shown["figure"] = analyses  # the figure on screen: ``export_figure`` makes its files
         return (for_screen(side_by_side(analyses)), results_table(analyses),
                 f"Grounded with {len(analyses)} backbone(s).", analyses)
 
@@ -157,19 +163,24 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
             return (*no_downloads, note.format(problem))
         return (*[gr.update(value=str(written[f]), interactive=True) for f in FIGURE_FORMATS], "")
 
-    def export_figure(analyses):
-        if not analyses:
+    def offer_on_screen(shown, key, export):
+        """``export(shown[key])``'s download buttons (``offer``), for the view on screen under ``key``. A view
+        drawn while it ran has disabled the buttons, and its own export fills them: not with these files."""
+        view = shown.get(key)
+        if view is None:
             return (*no_downloads, "")
-        return offer(*export_comparison(analyses, scratch(), formats=FIGURE_FORMATS),
-                     "{}; the JSON download still works.")
+        offered = export(view)
+        return offered if shown.get(key) is view else [gr.update()] * len(offered)
+
+    def export_figure(shown):
+        return offer_on_screen(shown, "figure", lambda analyses: offer(
+            *export_comparison(analyses, scratch(), formats=FIGURE_FORMATS), "{}; the JSON download still works."))
 
     def export_gallery_images(analyses, shown):
-        g = shown.get("gallery")
-        if not analyses or g is None:
+        if not analyses:
             return (*no_downloads, "")
-        offered = offer(*export_gallery(analyses, g, scratch(), formats=FIGURE_FORMATS), "{}")
-        # a gallery drawn meanwhile has disabled the buttons, and its own export fills them: not with these files
-        return offered if shown.get("gallery") is g else [gr.update()] * len(offered)
+        return offer_on_screen(shown, "gallery", lambda g: offer(
+            *export_gallery(analyses, g, scratch(), formats=FIGURE_FORMATS), "{}"))
 
     # ---- Dataset
     def dataset_choices():
@@ -234,9 +245,10 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
         if skipped:  # one line per backbone that did not load; the others serve
             gr.Markdown("\n".join(f"- **`{n}` not loaded:** {why}" for n, why in skipped.items()))
         analyses = gr.State()
-        # {"gallery": the Gallery on screen}: one dict per session, which every handler is given itself (not a
-        # copy), so that an export finishing after a newer gallery was drawn can tell
-        shown_gallery = gr.State(dict)
+        # {"figure": the analyses whose figure is on screen, "gallery": the Gallery on screen}: one dict per
+        # session, which every handler is given itself (not a copy), so that an export finishing after a newer
+        # figure or gallery was drawn can tell
+        on_screen = gr.State(dict)
         with gr.Tabs(selected="compare") as tabs:
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():
@@ -308,31 +320,37 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
                     run_plots = [gr.Plot(visible=False, show_label=False) for _ in range(RUN_FIGURES)]
 
         # Compare: run, then the image to click and the gallery for the chosen map type, then the downloads
-        inputs, outputs = [image, expression, backbones, gt], [plot, table, status, analyses]
+        inputs, outputs = [image, expression, backbones, gt, on_screen], [plot, table, status, analyses]
+        figure_downloads = [*downloads, export_note]
         gallery_view = [gallery_plot, gallery_note, json_button, *gallery_downloads]
         gallery_outputs = [*slots, *gallery_view]
 
         def drawn(event):  # a gallery drawn: its image downloads follow
-            return event.then(export_gallery_images, [analyses, shown_gallery],
+            return event.then(export_gallery_images, [analyses, on_screen],
                               [*gallery_downloads, gallery_export_note], api_name=False)
 
-        def chained(event):
-            event = event.then(analysed_image, analyses, query_image, api_name=False)
-            return drawn(event.then(show_map_type, [analyses, map_type, shown_gallery], gallery_outputs,
-                                    api_name=False, concurrency_id="models")
-                         .then(export_figure, analyses, [*downloads, export_note], api_name=False))
+        def grounded(listener, api_name=False):
+            """Grounding on ``listener`` (``button.click``, ...): the figure's downloads go, then ``run``, the image
+            to click, the gallery and the downloads. The downloads go in a step of their own, before the new figure
+            is drawn, so that ``run``'s outputs (the API's) stay the figure, table and status."""
+            event = listener(forget_figure, on_screen, figure_downloads, api_name=False) \
+                .then(run, inputs, outputs, api_name=api_name, concurrency_id="models") \
+                .then(analysed_image, analyses, query_image, api_name=False)
+            drawn(event.then(show_map_type, [analyses, map_type, on_screen], gallery_outputs, api_name=False,
+                             concurrency_id="models")
+                  .then(export_figure, on_screen, figure_downloads, api_name=False))
 
         image.change(preview, image, [shown, image_note], api_name=False)
         choose.upload(lambda path: path, choose, image, api_name=False)  # a new file while one is loaded
-        chained(button.click(run, inputs, outputs, api_name="analyze", concurrency_id="models"))
-        chained(expression.submit(run, inputs, outputs, api_name=False, concurrency_id="models"))
-        drawn(map_type.input(show_map_type, [analyses, map_type, shown_gallery], gallery_outputs, api_name=False,
+        grounded(button.click, api_name="analyze")
+        grounded(expression.submit)
+        drawn(map_type.input(show_map_type, [analyses, map_type, on_screen], gallery_outputs, api_name=False,
                              concurrency_id="models"))
         for slot in slots:
-            drawn(slot.input(change_option, [analyses, map_type, shown_gallery, *slots], gallery_view,
+            drawn(slot.input(change_option, [analyses, map_type, on_screen, *slots], gallery_view,
                              api_name=False, concurrency_id="models"))
         drawn(query_image.select(click_patch, [analyses, map_type], slots, api_name=False)
-              .success(change_option, [analyses, map_type, shown_gallery, *slots], gallery_view, api_name=False,
+              .success(change_option, [analyses, map_type, on_screen, *slots], gallery_view, api_name=False,
                        concurrency_id="models"))
         if examples:
             thumbs.select(pick_example, None, [image, expression, gt], api_name=False)
@@ -345,8 +363,7 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
         dataset.input(open_analysis, dataset, opened, api_name=False)
         for control in (first, second, show):
             control.input(resort, [browsing, first, second, show], browse_outputs, api_name=False)
-        chained(samples.select(send_sample, browsing, [image, expression, gt, tabs], api_name=False)
-                .success(run, inputs, outputs, api_name=False, concurrency_id="models"))
+        grounded(samples.select(send_sample, browsing, [image, expression, gt, tabs], api_name=False).success)
         analyse.click(analyse_now, None, [dataset, dataset_note], api_name="analyse") \
             .then(open_analysis, dataset, opened, api_name=False)
 

@@ -171,6 +171,64 @@ def test_a_model_that_does_not_load_is_named_on_its_own_line_and_the_others_serv
     assert sorted(c[1] for c in boxes.choices) == sorted(n for n in RUN_BACKBONES if n != "vit-test")
 
 
+def _stamped_files(out_dir, formats, text) -> tuple[dict[str, Path], None]:
+    """Export files that say which view they were made from (``text``), as the app's exports return them."""
+    written = {f: Path(out_dir) / f"view.{f}" for f in formats}
+    for path in written.values():
+        path.write_text(text)
+    return written, None
+
+
+def test_an_export_finishing_after_the_view_changed_leaves_the_downloads_to_the_new_views(tiny_run, files,
+                                                                                         monkeypatch):
+    """The figure's and the gallery's download handlers in the order a quick second Run, or a new map type, lets
+    them run: the export under way when the view changed leaves the buttons as the new view set them (disabled),
+    and only the new view's own export fills them, with its files."""
+    import gradio as gr
+
+    import app.app as app_module
+    from app.app import FIGURE_FORMATS, build_app
+
+    meanwhile = []  # what the user does while an export runs
+
+    def figure_export(analyses, out_dir, gallery=None, *, formats):
+        while meanwhile and formats == FIGURE_FORMATS:
+            meanwhile.pop(0)()
+        return _stamped_files(out_dir, formats, next(iter(analyses.values())).expression)
+
+    def gallery_export(analyses, gallery, out_dir, *, formats):
+        while meanwhile:
+            meanwhile.pop(0)()
+        return _stamped_files(out_dir, formats, gallery.name)
+
+    monkeypatch.setattr(app_module, "export_comparison", figure_export)
+    monkeypatch.setattr(app_module, "export_gallery", gallery_export)
+    handlers = {d.fn.__name__: d.fn for d in build_app(tiny_run).fns.values()}
+    shown, disabled, unchanged = {}, [gr.update(value=None, interactive=False)] * 3, [gr.update()] * 4
+
+    def ground(expression):  # a click on Run: its figure downloads go, then the models run
+        assert list(handlers["forget_figure"](shown)) == [*disabled, ""]
+        return handlers["run"](str(files / "scene.png"), expression, list(RUN_BACKBONES), "", shown)[-1]
+
+    def offered(updates) -> list[str]:
+        assert updates[3] == "" and all(u["interactive"] for u in updates[:3])
+        return [Path(u["value"]).read_text() for u in updates[:3]]
+
+    first = ground("the red square")
+    meanwhile.append(lambda: ground("the blue circle"))
+    assert list(handlers["export_figure"](shown)) == unchanged  # the red square's export, done after the second run
+    assert offered(handlers["export_figure"](shown)) == ["the blue circle"] * 3  # the second run's own export
+    meanwhile.append(lambda: ground(""))  # a run that fails: no figure on screen, none offered
+    with pytest.warns(UserWarning, match="expression is empty"):  # gr.Warning outside a request
+        assert list(handlers["export_figure"](shown)) == unchanged
+    assert list(handlers["export_figure"](shown)) == [*disabled, ""]
+
+    handlers["show_map_type"](first, "similarity", shown)
+    meanwhile.append(lambda: handlers["show_map_type"](first, "backbone_attention", shown))
+    assert list(handlers["export_gallery_images"](first, shown)) == unchanged
+    assert offered(handlers["export_gallery_images"](first, shown)) == ["backbone_attention"] * 3
+
+
 def test_figures_command_writes_the_map_score_tables_of_the_runs_analyses(app_run, tmp_path, capsys):
     from toolkit.cli import main
 
