@@ -59,6 +59,36 @@ def test_attention_modules_are_block_and_grid_attention_up_to_the_tap():
     assert seen[-1][1] == (4, 2, 2, 32)
 
 
+def _layouts_per_block(bb, img_size):
+    """``attention_layouts`` as it was computed before it shared layouts: one partition per block and kind."""
+    from timm.models.maxxvit import grid_partition, window_partition
+
+    out = {}
+    for i in range(bb.cfg.tap_stage + 1):
+        h, w = bb._stage_grid(i, img_size)
+        ids = torch.arange(h * w).view(1, h, w, 1)
+        for j, blk in enumerate(bb.model.stages[i].blocks):
+            for kind, part in (("attn_block", blk.attn_block), ("attn_grid", blk.attn_grid)):
+                p = tuple(part.partition_size)
+                if not (h % p[0] or w % p[1]):
+                    fn = window_partition if part.partition_block else grid_partition
+                    out[f"stages.{i}.blocks.{j}.{kind}.attn"] = ((h, w), fn(ids, p).reshape(-1, p[0] * p[1]))
+    return out
+
+
+@pytest.mark.parametrize("img_size", [None, (48, 48)])  # at 48 px stage 3's 3x3 grid has no 2x2 partition
+def test_attention_layouts_are_computed_once_per_stage_and_kind(img_size):
+    bb = create_backbone("maxvit-test", depths=(2, 3, 2, 1))
+    layouts, want = bb.attention_layouts(img_size), _layouts_per_block(bb, img_size)
+    assert list(layouts) == list(want) and len(want) == 2 * (2 + 3 + (2 if img_size is None else 0))
+    for name, (grid, index) in want.items():
+        assert layouts[name].grid == grid and torch.equal(layouts[name].index, index)
+    for name, lay in layouts.items():  # every block of a stage holds its stage's one layout of that kind
+        stage, kind = name.split(".")[1], name.split(".")[-2]
+        assert lay is layouts[f"stages.{stage}.blocks.0.{kind}.attn"]
+    assert layouts["stages.0.blocks.0.attn_block.attn"] is not layouts["stages.0.blocks.0.attn_grid.attn"]
+
+
 def test_maxvit_t_matches_timm_at_224(tmp_path):
     """MaxViT-T stage 3 is timm's ``stages.2`` (stride 16): 14x14 = 196 tokens; a timm file loads and reproduces it."""
     ref = timm.create_model("maxvit_tiny_tf_224", pretrained=False).eval()

@@ -163,6 +163,35 @@ def test_mambavision_attention_is_captured_and_placed_through_its_padded_windows
     assert list(att.layers) == [name] and not att.skipped and torch.allclose(att.layers[name], full, atol=1e-6)
 
 
+def _random_attention(windows: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(windows, 2, n, n, generator=g).softmax(-1)  # (windows, heads, n, n)
+
+
+def test_place_on_grid_normalises_rows_once_as_the_placement_did_twice():
+    """Partitioned maps (MaxViT's windows pooled 4x onto the tap grid, MambaVision's padded windows) are placed as
+    when their rows were renormalised again after pooling; a global map (CLS dropped) is renormalised."""
+    from toolkit.interpret.attention import place_on_grid, pool_to_grid, stage_attention
+
+    maxvit = create_backbone("maxvit-test").attention_layouts()
+    mamba = create_backbone("mambavision-test", img_size=48).attention_layouts((48, 48))
+    cases = [(maxvit, (4, 4), "stages.0.blocks.0.attn_grid.attn"),  # 16x16 stage grid, no padding
+             (mamba, (3, 3), next(iter(mamba)))]  # 3x3 grid in 2x2 windows: padding tokens
+    for layouts, grid, name in cases:
+        lay = layouts[name]
+        probs = _random_attention(*lay.index.shape, seed=0)
+        twice = pool_to_grid(stage_attention(probs, lay), lay.grid, grid)
+        twice = twice / twice.sum(-1, keepdim=True).clamp_min(1e-12)
+        placed = place_on_grid({name: probs}, grid, layouts).layers[name]
+        assert placed.shape == twice.shape == (grid[0] * grid[1],) * 2
+        assert torch.allclose(placed, twice, rtol=0, atol=1e-6)
+    probs = _random_attention(1, 1 + 16, seed=1)  # one prefix token before a 4x4 grid
+    a = place_on_grid({"blocks.0.attn": probs}, (4, 4)).layers["blocks.0.attn"]
+    kept = probs[0].mean(0)[1:, 1:]
+    assert torch.allclose(a, kept / kept.sum(-1, keepdim=True), rtol=0, atol=1e-6)
+    assert torch.allclose(a.sum(-1), torch.ones(16), atol=1e-6)
+
+
 @pytest.mark.parametrize("name", RUN_BACKBONES)
 @pytest.mark.parametrize("source", ["answer", "prompt"])
 def test_lm_attention_on_image_positions_sums_to_at_most_one(vlms, name, source):

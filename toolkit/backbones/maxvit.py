@@ -76,20 +76,20 @@ class MaxViTBackbone(Backbone):
         """Block attention runs on non-overlapping p x p windows of its stage's grid, grid attention on the p x p
         groups of a dilated grid (tokens H/p apart); the index comes from timm's own ``window_partition`` /
         ``grid_partition`` applied to the stage grid's token numbers. Stages whose grid the partition does not
-        divide (the model itself would refuse to run) are left out."""
-        out = {}
+        divide (the model itself would refuse to run) are left out. The blocks of a stage share its grid and
+        partitions, so each distinct layout is computed once and shared by the modules that use it."""
+        out, made = {}, {}
         for i in range(self.cfg.tap_stage + 1):
-            h, w = self._stage_grid(i, img_size)
-            ids = torch.arange(h * w).view(1, h, w, 1)  # channels-last, as the partition functions take it
+            grid = self._stage_grid(i, img_size)
             for j, blk in enumerate(self.model.stages[i].blocks):
                 for kind, part in (("attn_block", blk.attn_block), ("attn_grid", blk.attn_grid)):
                     if part is None:
                         continue
-                    p = tuple(part.partition_size)
-                    if h % p[0] or w % p[1]:
-                        continue
-                    fn = window_partition if part.partition_block else grid_partition
-                    out[f"stages.{i}.blocks.{j}.{kind}.attn"] = TokenLayout((h, w), fn(ids, p).reshape(-1, p[0] * p[1]))
+                    key = (grid, tuple(part.partition_size), part.partition_block)
+                    if key not in made:
+                        made[key] = _partition_layout(*key)
+                    if made[key] is not None:
+                        out[f"stages.{i}.blocks.{j}.{kind}.attn"] = made[key]
         return out
 
     def convert_state_dict(self, state_dict):
@@ -100,6 +100,17 @@ class MaxViTBackbone(Backbone):
 
     def ignorable_checkpoint_keys(self) -> tuple[str, ...]:
         return ("model.head.fc.",)
+
+
+def _partition_layout(grid: tuple[int, int], p: tuple[int, int], block: bool) -> TokenLayout | None:
+    """The layout of block (``block``) or grid attention in ``p`` partitions of ``grid``; None where ``p`` does
+    not divide it."""
+    h, w = grid
+    if h % p[0] or w % p[1]:
+        return None
+    ids = torch.arange(h * w).view(1, h, w, 1)  # channels-last, as the partition functions take it
+    fn = window_partition if block else grid_partition
+    return TokenLayout(grid, fn(ids, p).reshape(-1, p[0] * p[1]))
 
 
 def _maxvit(cfg: MaxViTConfig, **overrides) -> MaxViTBackbone:

@@ -146,6 +146,7 @@ def place_on_grid(captured: dict[str, object], grid: tuple[int, int],
             if hs % h or ws % w:
                 skipped[name] = f"stage grid off the tap grid: {hs}x{ws} is not a multiple of {h}x{w}"
                 continue
+            # rows are distributions already: stage_attention renormalises them, and pooling keeps them so
             a = pool_to_grid(stage_attention(probs, lay), lay.grid, grid)
         else:
             p = n - h * w
@@ -154,7 +155,8 @@ def place_on_grid(captured: dict[str, object], grid: tuple[int, int],
                                 "(+ prefix)"
                 continue
             a = probs[0].float().mean(0)[p:, p:]  # (N, N), heads averaged, prefix dropped
-        layers[name] = (a / a.sum(-1, keepdim=True).clamp_min(1e-12)).cpu()
+            a = a / a.sum(-1, keepdim=True).clamp_min(1e-12)  # the prefix's share goes back to the patches
+        layers[name] = a.cpu()
     return BackboneAttention(layers, grid, skipped)
 
 
