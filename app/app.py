@@ -117,7 +117,7 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
             g = gallery_maps(analyses, name, **parse_options(name, analyses, values))
         except ValueError as e:
             return None, f"**Cannot draw this map:** {e}", gr.update(), *no_downloads
-        shown["gallery"] = g
+        shown["gallery"] = (analyses, g)  # with the analyses it maps: a newer run may replace the State meanwhile
         written, _ = export_comparison(analyses, scratch(), g, formats=("json",))
         missing = "; ".join(f"`{b}`: {why}" for b, why in g.unavailable.items())
         note = f"`{name}`: {MAP_TYPES[name].fn.__doc__.splitlines()[0]}" + (f" No map for {missing}" if missing else "")
@@ -176,11 +176,9 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
         return offer_on_screen(shown, "figure", lambda analyses: offer(
             *export_comparison(analyses, scratch(), formats=FIGURE_FORMATS), "{}; the JSON download still works."))
 
-    def export_gallery_images(analyses, shown):
-        if not analyses:
-            return (*no_downloads, "")
-        return offer_on_screen(shown, "gallery", lambda g: offer(
-            *export_gallery(analyses, g, scratch(), formats=FIGURE_FORMATS), "{}"))
+    def export_gallery_images(shown):
+        return offer_on_screen(shown, "gallery", lambda view: offer(
+            *export_gallery(*view, scratch(), formats=FIGURE_FORMATS), "{}"))
 
     # ---- Dataset
     def dataset_choices():
@@ -245,7 +243,7 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
         if skipped:  # one line per backbone that did not load; the others serve
             gr.Markdown("\n".join(f"- **`{n}` not loaded:** {why}" for n, why in skipped.items()))
         analyses = gr.State()
-        # {"figure": the analyses whose figure is on screen, "gallery": the Gallery on screen}: one dict per
+        # {"figure": the analyses whose figure is on screen, "gallery": (analyses, the Gallery on screen)}: one dict per
         # session, which every handler is given itself (not a copy), so that an export finishing after a newer
         # figure or gallery was drawn can tell
         on_screen = gr.State(dict)
@@ -326,7 +324,7 @@ def build_app(run_dir: str | Path) -> gr.Blocks:
         gallery_outputs = [*slots, *gallery_view]
 
         def drawn(event):  # a gallery drawn: its image downloads follow
-            return event.then(export_gallery_images, [analyses, on_screen],
+            return event.then(export_gallery_images, on_screen,
                               [*gallery_downloads, gallery_export_note], api_name=False)
 
         def grounded(listener, api_name=False):

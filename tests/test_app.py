@@ -225,8 +225,8 @@ def test_an_export_finishing_after_the_view_changed_leaves_the_downloads_to_the_
 
     handlers["show_map_type"](first, "similarity", shown)
     meanwhile.append(lambda: handlers["show_map_type"](first, "backbone_attention", shown))
-    assert list(handlers["export_gallery_images"](first, shown)) == unchanged
-    assert offered(handlers["export_gallery_images"](first, shown)) == ["backbone_attention"] * 3
+    assert list(handlers["export_gallery_images"](shown)) == unchanged
+    assert offered(handlers["export_gallery_images"](shown)) == ["backbone_attention"] * 3
 
 
 def test_figures_command_writes_the_map_score_tables_of_the_runs_analyses(app_run, tmp_path, capsys):
